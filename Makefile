@@ -1,0 +1,27 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.drope-installed
+# DeepSpeed: build no CUDA ops at install; at run time take its CPU accelerator when no GPU.
+export DS_BUILD_OPS ?= 0
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-cpu.txt tools/install_system_deps.sh
+	bash tools/install_system_deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-cpu.txt -e .
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/drope smoke recipes/demo-cpu.yaml --phases rope,drope,layers --steps 10
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) .build

@@ -1,0 +1,90 @@
+"""Forward time and peak memory of a ~10M-parameter model: SDPA core attention vs megatron's.
+
+Each (backend, length) runs in a fresh process so peaks do not mix; memory is the rise of the
+process's peak RSS over its RSS just before the forward pass. Prints a table, then the ratios
+(megatron / SDPA) last.
+
+    python benchmarks/forward_memory.py            # 256 and 4096 tokens, 3 repeats
+    python benchmarks/forward_memory.py --quick    # 64 and 256 tokens, a tiny model (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+FULL = ["model.num_layers=6", "model.hidden_size=320", "model.num_attention_heads=5", "model.vocab_size=8192",
+        "model.seq_length=256"]
+QUICK = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=512",
+         "model.seq_length=64", "model.make_vocab_size_divisible_by=64"]
+
+
+def measure(backend: str, length: int, repeats: int, overrides: list[str]) -> dict:
+    """Runs in the child: build, warm up at a short length, then time `repeats` forwards."""
+    import psutil
+    import torch
+
+    from drope_megatron import distributed
+    from drope_megatron.config import load_recipe
+    from drope_megatron.model import build_model
+
+    recipe = load_recipe(None, [*overrides, f"model.attention_backend={backend}"])
+    distributed.initialize(recipe.parallel)
+    model = build_model(recipe.model, recipe.parallel).eval()
+    params = sum(p.numel() for p in model.parameters())
+    tokens = torch.randint(0, recipe.model.vocab_size, (1, length))
+    positions = torch.arange(length).unsqueeze(0)
+    with torch.no_grad():
+        model(tokens[:, :16], positions[:, :16], None)
+        before = psutil.Process().memory_info().rss
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(tokens, positions, None)
+            times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    distributed.shutdown()
+    return {"backend": backend, "length": length, "params": params, "seconds": min(times),
+            "peak_rise_mib": max(0, peak - before) / 2**20, "threads": torch.get_num_threads()}
+
+
+def run_child(backend: str, length: int, repeats: int, quick: bool) -> dict:
+    cmd = [sys.executable, __file__, "--child", backend, str(length), str(repeats)] + (["--quick"] if quick else [])
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model and lengths (for CI)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--child", nargs=3, metavar=("BACKEND", "LENGTH", "REPEATS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    overrides = QUICK if args.quick else FULL
+    if args.child:
+        backend, length, repeats = args.child
+        print(json.dumps(measure(backend, int(length), int(repeats), overrides)))
+        return
+    lengths = [64, 256] if args.quick else [256, 4096]
+    rows = {(b, n): run_child(b, n, args.repeats, args.quick) for n in lengths for b in ("sdpa", "megatron")}
+    first = next(iter(rows.values()))
+    print(f"model: {first['params'] / 1e6:.1f}M params, batch 1, fp32, {first['threads']} threads, "
+          f"best of {args.repeats}")
+    print(f"{'backend':>9} {'tokens':>7} {'forward s':>10} {'peak rise MiB':>14}")
+    for (backend, n), r in rows.items():
+        print(f"{backend:>9} {n:>7} {r['seconds']:>10.4f} {r['peak_rise_mib']:>14.1f}")
+    for n in lengths:
+        sdpa, meg = rows[("sdpa", n)], rows[("megatron", n)]
+        mem = meg["peak_rise_mib"] / max(sdpa["peak_rise_mib"], 1.0)
+        print(f"ratio megatron/sdpa at {n} tokens: time {meg['seconds'] / sdpa['seconds']:.2f}x, "
+              f"peak memory rise {mem:.2f}x")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    main()

@@ -1,0 +1,8 @@
+"""drope_megatron: DroPE (drop RoPE, recalibrate, extend context) on megatron-core and DeepSpeed.
+
+Rooms: `config` (typed recipes), `distributed` (launchers, process groups), `compat`
+(megatron-core CPU shims), `model/` (the GPT model with a switchable positional phase),
+`train/` (training loops), `cli` (the `drope` command).
+"""
+
+__version__ = "0.1.0"

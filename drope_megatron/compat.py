@@ -1,0 +1,66 @@
+"""megatron-core CPU shims: the only place that knows megatron-core 0.16 assumes CUDA.
+
+`apply_cpu_shims()` is a no-op when CUDA is present. Without CUDA it patches the four
+CUDA-only spots measured on CPU machines (REFERENCE §2): the current-device lookup used
+for buffers, the model-parallel RNG tracker, the default causal mask and
+`torch.cuda.synchronize` in the checkpoint writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.transformer import utils as transformer_utils
+
+_applied = False
+
+
+class CpuRNGStatesTracker(mp_random.CudaRNGStatesTracker):
+    """Megatron's RNG tracker, keeping named states of the CPU generator instead of CUDA's."""
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise ValueError(f"seed {seed} already exists")
+        if name in self.states_:
+            raise ValueError(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name=mp_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        if name not in self.states_:
+            raise ValueError(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def apply_cpu_shims() -> bool:
+    """Patch megatron-core for CPU-only runs; returns True when the shims are active."""
+    global _applied
+    if torch.cuda.is_available():
+        return False
+    if _applied:
+        return True
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.synchronize = lambda *args, **kwargs: None
+    mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    # fused_softmax imported the function by name, so both references are replaced.
+    from megatron.core.fusions import fused_softmax
+
+    transformer_utils.get_default_causal_mask = _cpu_causal_mask
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    _applied = True
+    return True

@@ -1,0 +1,331 @@
+"""Typed recipe: dataclasses for model, parallelism, training, data and evaluation.
+
+A recipe is a YAML file whose top-level sections match `Recipe`'s fields. Command-line
+overrides use dotted keys (`train.lr=1e-4`, `model.rope_layers=[0,3]`). Every problem is
+reported at load time as one `ConfigError` line naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+PHASES = ("rope", "drope", "layers")
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot be used; the message is one line naming the key."""
+
+
+@dataclass
+class RopeScalingConfig:
+    """How RoPE frequencies are stretched; `none` is plain RoPE at `model.rotary_base`."""
+
+    type: Literal["none", "linear", "llama3", "yarn"] = "none"
+    factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (RMSNorm, SwiGLU, GQA) and its positional phase."""
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None: multi-head attention (one group per head)
+    ffn_hidden_size: Optional[int] = None  # None: 8/3 * hidden rounded up to a multiple of 64
+    kv_channels: Optional[int] = None  # head_dim; None: hidden_size / num_attention_heads
+    vocab_size: int = 8192
+    seq_length: int = 256  # the training context
+    norm_epsilon: float = 1e-5
+    qkv_bias: bool = False
+    tie_embeddings: bool = True
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    rotary_base: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    # Positional phase: rope (pretraining), drope (no positional embedding anywhere),
+    # layers (RoPE only in the 0-based layers listed in rope_layers).
+    phase: Literal["rope", "drope", "layers"] = "rope"
+    rope_layers: Optional[list[int]] = None  # used when phase is "layers"
+    qk_norm: bool = False  # the paper's full-width QK-norm variant
+    softmax_scale: Optional[float] = None  # None: head_dim ** -0.5
+    attention_backend: Literal["sdpa", "megatron"] = "sdpa"
+    # Inference-time temperature: "log_length" scales logits at query position i by
+    # max(1, log(i + 1) / log(seq_length)).
+    attention_temperature: Literal["none", "log_length"] = "none"
+
+    @property
+    def groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or -(-8 * self.hidden_size // 3 // 64) * 64
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel sizes; data parallelism is whatever of the world size is left."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl with CUDA, gloo without
+    timeout_minutes: float = 10.0  # a dead or frozen peer ends the job after this long
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of one phase (pretrain with RoPE, or recalibrate without)."""
+
+    steps: int = 100
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: Literal["constant", "cosine", "wsd"] = "constant"
+    warmup_steps: int = 0
+    decay_steps: int = 0  # wsd: length of the final decay
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0
+    global_batch_size: int = 8  # sequences per optimizer step (the paper: 512)
+    micro_batch_size: int = 8
+    seed: int = 1234
+    log_interval: int = 10
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it is tokenised."""
+
+    paths: list[str] = field(default_factory=list)
+    format: Literal["text", "json", "parquet", "megatron"] = "text"
+    text_key: str = "text"
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class EvalConfig:
+    """Long-context evaluation: lengths as multiples of the training context (`2x`) or tokens."""
+
+    lengths: list[str] = field(default_factory=lambda: ["1x", "2x", "4x", "8x"])
+    tasks: list[Literal["ppl", "passkey", "niah"]] = field(default_factory=lambda: ["ppl"])
+    baselines: list[Literal["pi", "ntk", "yarn"]] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class Recipe:
+    """A whole run: what model, how parallel, how trained, on what, evaluated how."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides:
+        _apply_override(raw, item)
+    recipe = _build(Recipe, raw, "")
+    validate(recipe)
+    return recipe
+
+
+def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist: pass the path of a YAML recipe")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" line {line + 1}" if line is not None else ""
+        raise ConfigError(f"recipe {path}{where} is not valid YAML: fix its syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections (model:, train:, ...)")
+    return raw
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {item!r} is not key=value: write e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(text) if text else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'recipe'} must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown key {prefix}{key}{hint}")
+    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in names if name in raw}
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(tp, value, key)
+
+
+def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Reject combinations no run can use; each check names its key."""
+    m, p, t = recipe.model, recipe.parallel, recipe.train
+    positive = {
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads, "model.vocab_size": m.vocab_size,
+        "model.seq_length": m.seq_length, "model.head_dim": m.head_dim, "model.ffn_size": m.ffn_size,
+        "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
+        "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "parallel.timeout_minutes": p.timeout_minutes, "train.steps": t.steps, "train.lr": t.lr,
+        "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
+        "model.rotary_base": m.rotary_base,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be positive")
+    _check(m.num_query_groups is None or m.num_query_groups > 0, "model.num_query_groups must be positive")
+    _check(m.kv_channels is not None or m.hidden_size % m.num_attention_heads == 0,
+           f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+           f"{m.num_attention_heads}: set model.kv_channels (head_dim) explicitly")
+    _check(m.num_attention_heads % m.groups == 0,
+           f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+           f"model.num_query_groups={m.groups}")
+    tp = p.tensor_model_parallel_size
+    _check(m.groups % tp == 0,
+           f"model.num_query_groups={m.groups} is not divisible by parallel.tensor_model_parallel_size={tp}")
+    _check(m.num_layers % p.pipeline_model_parallel_size == 0,
+           f"model.num_layers={m.num_layers} is not divisible by "
+           f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
+    _check(m.ffn_size % tp == 0, f"model.ffn_hidden_size={m.ffn_size} is not divisible by TP={tp}")
+    _validate_phase(m)
+    _validate_rope_scaling(m)
+    _check(m.softmax_scale is None or m.softmax_scale > 0, "model.softmax_scale must be positive")
+    _check(m.attention_temperature == "none" or m.attention_backend == "sdpa",
+           "model.attention_temperature needs model.attention_backend=sdpa")
+    _check(t.global_batch_size % t.micro_batch_size == 0,
+           f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+           f"train.micro_batch_size={t.micro_batch_size}")
+    _check(0.0 <= t.min_lr_ratio <= 1.0, "train.min_lr_ratio must be within [0, 1]")
+    _check(t.warmup_steps >= 0 and t.decay_steps >= 0, "train.warmup_steps and train.decay_steps must be >= 0")
+    _check(t.warmup_steps + t.decay_steps <= t.steps,
+           f"train.warmup_steps + train.decay_steps exceed train.steps={t.steps}")
+    _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+    for length in recipe.eval.lengths:
+        parse_length(length, m.seq_length, key="eval.lengths")
+
+
+def _validate_phase(m: ModelConfig) -> None:
+    _check(m.phase != "layers" or bool(m.rope_layers),
+           "model.phase=layers needs model.rope_layers, the 0-based layers keeping RoPE (e.g. [0, 3])")
+    bad = [i for i in m.rope_layers or [] if not 0 <= i < m.num_layers]
+    _check(not bad, f"model.rope_layers has {bad}, outside 0..{m.num_layers - 1}")
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    rs = m.rope_scaling
+    if rs.type == "none":
+        return
+    _check(rs.factor >= 1.0, f"model.rope_scaling.factor={rs.factor} must be >= 1")
+    if rs.type in ("llama3", "yarn"):
+        _check(rs.original_max_position_embeddings is not None,
+               f"model.rope_scaling.type={rs.type} needs model.rope_scaling.original_max_position_embeddings")
+
+
+def parse_length(text: str, train_length: int, key: str = "length") -> int:
+    """'4x' -> 4 * train_length; '8192' -> 8192."""
+    try:
+        tokens = round(float(text[:-1]) * train_length) if text.endswith("x") else int(text)
+    except ValueError:
+        raise ConfigError(f"{key} entry {text!r} is neither a multiple like 4x nor a token count") from None
+    if tokens <= 0:
+        raise ConfigError(f"{key} entry {text!r} must be positive")
+    return tokens
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)

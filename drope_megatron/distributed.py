@@ -1,0 +1,133 @@
+"""Distributed bootstrap: who am I, who is master, process groups, megatron parallel state.
+
+`discover()` reads the launcher's environment (torchrun, Slurm, OpenMPI/MPICH via mpi4py,
+or none: a single process). `initialize(parallel_cfg, seed)` creates the default process
+group (nccl with CUDA, gloo without) with a bounded timeout, sets up megatron's TP/PP/DP
+groups and the model-parallel RNG seeds. `shutdown()` undoes it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+from drope_megatron.compat import apply_cpu_shims
+from drope_megatron.config import ConfigError, ParallelConfig
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """One process's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # torchrun | slurm | mpi | single
+
+
+def discover() -> DistEnv:
+    """Rank, world size and rendezvous address from whichever launcher started us."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or set by hand
+        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)),
+                       "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return _from_slurm(env)
+    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+        return _from_mpi(env)
+    return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+def _from_slurm(env) -> DistEnv:
+    # srun starts every task itself: the first host of the allocation is the master; the port is
+    # derived from the job id so every task computes the same one without talking.
+    first = first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+    port = int(env.get("MASTER_PORT", 0)) or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                   env.get("MASTER_ADDR", first), port, "slurm")
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot read Slurm nodelist {nodelist!r}: set MASTER_ADDR")
+    stem, ranges = match.groups()
+    if not ranges:
+        return stem
+    return stem + ranges.split(",")[0].split("-")[0]
+
+
+def _from_mpi(env) -> DistEnv:
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0))))
+    # Rank 0 picks the address and a free port and tells everyone (mpirun sets neither).
+    addr = env.get("MASTER_ADDR") or (socket.gethostname() if size > 1 else "127.0.0.1")
+    port = int(env.get("MASTER_PORT", 0)) or (free_port() if rank == 0 else 0)
+    addr, port = comm.bcast((addr, port) if rank == 0 else None, root=0)
+    return DistEnv(rank, size, local, addr, port, "mpi")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def backend_for(p: ParallelConfig) -> str:
+    if p.backend != "auto":
+        return p.backend
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
+    """Join the job, set up megatron's TP/PP/DP groups and seed the model-parallel RNGs."""
+    apply_cpu_shims()
+    env = discover()
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    if env.world_size % model_parallel:
+        raise ConfigError(
+            f"world size {env.world_size} is not a multiple of TP*PP={model_parallel}: "
+            f"launch a multiple of {model_parallel} processes or lower parallel.tensor_model_parallel_size")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank)
+    timeout = datetime.timedelta(minutes=p.timeout_minutes)
+    # Sub-groups made later by dist.new_group (ZeRO's, megatron's) take this default rather
+    # than the timeout given to init_process_group; set it so none of them can wait forever.
+    dist.distributed_c10d.default_pg_timeout = timeout
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend_for(p), init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size, timeout=timeout)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        distributed_timeout_minutes=p.timeout_minutes,  # used as timedelta(minutes=...): a float is fine
+    )
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    return env
+
+
+def shutdown() -> None:
+    """Leave the job: megatron's groups first, then the default group."""
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,110 @@
+"""Build a `DropeGPTModel` from a `ModelConfig`: the TransformerConfig, the layer spec, the model.
+
+The spec is megatron-core's local GPT spec with two rooms swapped by composition: self
+attention becomes `DropeSelfAttention` (per-layer RoPE switch), core attention becomes
+`SDPAttention` unless `attention_backend=megatron`, and with `qk_norm` the q/k norms
+become the paper's full-width RMSNorm.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from drope_megatron.config import ModelConfig, ParallelConfig
+from drope_megatron.model.attention import DropeSelfAttention, SDPAttention
+from drope_megatron.model.gpt import DropeGPTModel
+from drope_megatron.model.qk_norm import FullWidthRMSNorm
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def padded_vocab_size(m: ModelConfig, tp: int) -> int:
+    """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
+    multiple = m.make_vocab_size_divisible_by * tp
+    return -(-m.vocab_size // multiple) * multiple
+
+
+def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
+    dtype = DTYPES[m.params_dtype]
+    rs = m.rope_scaling
+    config = TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.groups, ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, add_qkv_bias=m.qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=m.init_method_std,
+        softmax_scale=m.softmax_scale,
+        tensor_model_parallel_size=p.tensor_model_parallel_size,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        params_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP.
+        use_cpu_initialization=True,
+        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
+        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+    )
+    if rs.type == "yarn":
+        # Only MLATransformerConfig declares the yarn_* fields; GPTModel and attention read them
+        # with getattr, so a plain config carries them as attributes.
+        for key, value in dict(rotary_scaling_factor=rs.factor, beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
+                               original_max_position_embeddings=rs.original_max_position_embeddings,
+                               mscale=1.0, mscale_all_dim=0.0, correction_range_round_to_int=True).items():
+            setattr(config, f"yarn_{key}", value)
+    return config
+
+
+def layer_spec(m: ModelConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attn = spec.submodules.self_attention
+    sub = dataclasses.replace(attn.submodules)
+    if m.attention_backend == "sdpa":
+        # Attention calls core_attention(...) directly, not via build_module: bind our options here.
+        sub.core_attention = functools.partial(
+            SDPAttention, temperature=m.attention_temperature, train_length=m.seq_length)
+    if m.qk_norm:
+        sub.q_layernorm = ModuleSpec(module=FullWidthRMSNorm, params={"num_heads": m.num_attention_heads})
+        sub.k_layernorm = ModuleSpec(module=FullWidthRMSNorm, params={"num_heads": m.groups})
+    spec.submodules.self_attention = ModuleSpec(module=DropeSelfAttention, params=attn.params, submodules=sub)
+    return spec
+
+
+def build_model(m: ModelConfig, p: ParallelConfig, pre_process: bool = True,
+                post_process: bool = True) -> DropeGPTModel:
+    """The model for this rank (its TP shard and PP stage), in `m.phase`."""
+    rs = m.rope_scaling
+    model = DropeGPTModel(
+        config=transformer_config(m, p),
+        transformer_layer_spec=layer_spec(m),
+        vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
+        max_sequence_length=m.seq_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=m.tie_embeddings,
+        position_embedding_type="yarn" if rs.type == "yarn" else "rope",
+        rotary_base=m.rotary_base,
+        seq_len_interpolation_factor=rs.factor if rs.type == "linear" else None,
+        phase=m.phase,
+        rope_layers=m.rope_layers,
+    )
+    if rs.type == "llama3":
+        _apply_llama3_scaling(model, m)
+    return model
+
+
+def _apply_llama3_scaling(model: DropeGPTModel, m: ModelConfig) -> None:
+    # GPTModel's rope_scaling flag hard-codes Llama 3.1's low/high factors and 8192 context;
+    # recompute the frequencies with the recipe's values through the same megatron routine.
+    rotary = model.rotary_pos_emb
+    dim = rotary.inv_freq.numel() * 2
+    plain = 1.0 / (m.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    rs = m.rope_scaling
+    rotary.inv_freq = rotary._apply_scaling(
+        plain.to(rotary.inv_freq.device), factor=rs.factor, low_freq_factor=rs.low_freq_factor,
+        high_freq_factor=rs.high_freq_factor,
+        original_max_position_embeddings=rs.original_max_position_embeddings)

@@ -1,0 +1,1 @@
+"""Training: the smoke loop today; the DeepSpeed recalibration loop, schedules and checkpoints next."""

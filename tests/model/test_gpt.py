@@ -1,0 +1,127 @@
+"""The positional phase: training in each phase, switching on a live model, checkpoint keys."""
+
+import pytest
+import torch
+from megatron.core import dist_checkpointing
+
+from drope_megatron.model import rope_flags
+from tests.helpers import batch, tiny_model
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+VARIANTS = [("rope",), ("drope",), ("layers", "model.rope_layers=[1]"), ("drope", "model.qk_norm=true")]
+
+
+def logits(model, recipe, length=None):
+    tokens, positions = batch(recipe, length=length)
+    with torch.no_grad():
+        return model(tokens, positions, None)
+
+
+@pytest.mark.parametrize("phase_and_overrides", VARIANTS, ids=lambda v: "-".join(v))
+def test_forward_backward_step_lowers_loss(phase_and_overrides):
+    phase, *extra = phase_and_overrides
+    model, recipe = tiny_model(f"model.phase={phase}", *extra)
+    assert model.phase == phase
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    tokens, positions = batch(recipe)
+    losses = []
+    for _ in range(6):
+        loss = model(tokens[:, :-1], positions[:, :-1], None, labels=tokens[:, 1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_rope_and_drope_differ_on_same_weights():
+    model, recipe = tiny_model()
+    rope = logits(model, recipe)
+    model.set_phase("drope")
+    drope = logits(model, recipe)
+    assert (rope - drope).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("phase,rope_layers", [("drope", None), ("layers", [0]), ("layers", [1])])
+def test_switching_equals_building_in_that_phase(phase, rope_layers):
+    extra = [f"model.rope_layers={rope_layers}"] if rope_layers else []
+    built, recipe = tiny_model(f"model.phase={phase}", *extra)
+    switched, _ = tiny_model()
+    for a, b in zip(built.state_dict().values(), switched.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b)
+    before = logits(switched, recipe)
+    switched.set_phase(phase, rope_layers)
+    assert torch.equal(logits(switched, recipe), logits(built, recipe))
+    switched.set_phase("rope")
+    assert torch.equal(logits(switched, recipe), before)
+
+
+def test_layers_phase_applies_rope_only_where_asked():
+    model, recipe = tiny_model()
+    full = logits(model, recipe)
+    model.set_phase("layers", [0, 1])
+    assert torch.equal(logits(model, recipe), full)
+    model.set_phase("layers", [1])
+    uses = [layer.self_attention.use_rope for layer in model.decoder.layers]
+    assert uses == [False, True] and model.position_embedding_type == "rope"
+    model.set_phase("drope")
+    assert model.position_embedding_type == "none"
+
+
+def test_rope_flags_reject_bad_phase_and_layers():
+    assert rope_flags("layers", 4, [0, 3]) == [True, False, False, True]
+    with pytest.raises(ValueError, match="unknown positional phase"):
+        rope_flags("nope", 4)
+    with pytest.raises(ValueError, match="outside"):
+        rope_flags("layers", 4, [4])
+
+
+def test_state_dict_from_rope_loads_into_drope_with_all_keys():
+    rope, recipe = tiny_model(seed=1)
+    drope, _ = tiny_model("model.phase=drope", seed=2)
+    assert rope.state_dict().keys() == drope.state_dict().keys()
+    drope.load_state_dict(rope.state_dict(), strict=True)
+    drope.set_phase("rope")
+    assert torch.equal(logits(drope, recipe), logits(rope, recipe))
+
+
+def test_dist_checkpoint_saved_in_rope_loads_into_drope(tmp_path):
+    rope, recipe = tiny_model("model.qk_norm=true", seed=1)
+    with torch.no_grad():  # make the QK-norm weights differ from their init so loading is visible
+        for name, p in rope.named_parameters():
+            if "layernorm" in name:
+                p.mul_(torch.linspace(0.5, 1.5, p.numel()).view_as(p))
+    dist_checkpointing.save(rope.sharded_state_dict(), str(tmp_path))
+    drope, _ = tiny_model("model.qk_norm=true", "model.phase=drope", seed=2)
+    sharded = drope.sharded_state_dict()
+    assert sharded.keys() == rope.sharded_state_dict().keys()
+    drope.load_state_dict(dist_checkpointing.load(sharded, str(tmp_path)), strict=True)
+    for (name, a), b in zip(rope.state_dict().items(), drope.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b), name
+    drope.set_phase("rope")
+    assert torch.equal(logits(drope, recipe), logits(rope, recipe))
+
+
+def test_rotary_base_and_scaling_reach_the_frequencies():
+    dim = 16  # head_dim of the tiny model
+    plain, _ = tiny_model("model.rotary_base=500000")
+    expected = 1.0 / 500000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    torch.testing.assert_close(plain.rotary_pos_emb.inv_freq.float(), expected)
+    linear, _ = tiny_model("model.rope_scaling.type=linear", "model.rope_scaling.factor=4")
+    assert linear.rotary_pos_emb.seq_len_interpolation_factor == 4.0
+    expected_default = 1.0 / 1e4 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    llama3, _ = tiny_model("model.rope_scaling.type=llama3", "model.rope_scaling.factor=8",
+                           "model.rope_scaling.original_max_position_embeddings=16")
+    inv = llama3.rotary_pos_emb.inv_freq.float()
+    # Llama 3 scaling divides the frequencies with wavelength past the original context by the factor.
+    assert inv[-1].item() == pytest.approx(expected_default[-1].item() / 8)
+    assert not torch.allclose(inv, expected_default)
+    yarn, _ = tiny_model("model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+                         "model.rope_scaling.original_max_position_embeddings=32")
+    assert yarn.position_embedding_type == "yarn" and type(yarn.rotary_pos_emb).__name__ == "YarnRotaryEmbedding"
+    yarn.set_phase("drope")
+    yarn.set_phase("rope")
+    assert yarn.position_embedding_type == "yarn"

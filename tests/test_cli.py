@@ -1,0 +1,23 @@
+"""The `drope` command: help texts and argument errors."""
+
+import pytest
+
+from tests.helpers import drope
+
+
+def test_top_level_help_lists_subcommands():
+    proc = drope("--help", timeout=60)
+    assert proc.returncode == 0
+    assert "config" in proc.stdout and "smoke" in proc.stdout and "key.sub=value" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["config", "smoke"])
+def test_subcommand_help(command):
+    proc = drope(command, "--help", timeout=60)
+    assert proc.returncode == 0 and f"usage: drope {command}" in proc.stdout
+    assert "train.lr=1e-4" in proc.stdout  # the override syntax is documented on every command
+
+
+def test_no_subcommand_is_a_usage_error():
+    proc = drope(timeout=60)
+    assert proc.returncode == 2 and "usage: drope" in proc.stderr

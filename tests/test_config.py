@@ -1,0 +1,99 @@
+"""Recipes: typed loading, dotted overrides, and one-line errors for bad input."""
+
+import pytest
+import yaml
+
+from drope_megatron.config import ConfigError, Recipe, load_recipe, parse_length
+from tests.helpers import ROOT, drope
+
+
+def test_defaults_validate():
+    assert isinstance(load_recipe(None), Recipe)
+
+
+def test_every_shipped_recipe_loads():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert recipes
+    for path in recipes:
+        load_recipe(path)
+
+
+def test_overrides_are_typed(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"num_layers": 6, "rope_scaling": {"type": "linear", "factor": 2}}}))
+    r = load_recipe(path, ["train.lr=1e-4", "model.rope_layers=[0, 5]", "model.phase=layers",
+                           "model.qk_norm=true", "model.softmax_scale=0.125"])
+    assert r.model.num_layers == 6
+    assert r.model.rope_scaling.factor == 2.0 and isinstance(r.model.rope_scaling.factor, float)
+    assert r.train.lr == pytest.approx(1e-4)
+    assert r.model.rope_layers == [0, 5] and r.model.phase == "layers"
+    assert r.model.qk_norm is True and r.model.softmax_scale == 0.125
+
+
+def test_derived_sizes():
+    m = load_recipe(None, ["model.hidden_size=256", "model.num_attention_heads=8"]).model
+    assert m.head_dim == 32 and m.groups == 8 and m.ffn_size % 64 == 0 and m.ffn_size >= 8 * 256 // 3
+
+
+def test_parse_length():
+    assert parse_length("4x", 256) == 1024
+    assert parse_length("0.5x", 256) == 128
+    assert parse_length("8192", 256) == 8192
+    with pytest.raises(ConfigError):
+        parse_length("4y", 256)
+
+
+BAD = [
+    (["model.hiden_size=64"], "model.hiden_size (did you mean model.hidden_size?)"),
+    (["optimizer.lr=1"], "unknown key optimizer"),
+    (["model.num_layers=abc"], "model.num_layers must be int"),
+    (["model.qk_norm=maybe"], "model.qk_norm must be bool"),
+    (["model.num_attention_heads=6", "model.num_query_groups=4", "model.kv_channels=32"],
+     "model.num_attention_heads=6 is not divisible by model.num_query_groups=4"),
+    (["model.num_query_groups=2", "parallel.tensor_model_parallel_size=4"],
+     "model.num_query_groups=2 is not divisible by parallel.tensor_model_parallel_size=4"),
+    (["model.hidden_size=100", "model.num_attention_heads=3"], "model.hidden_size=100 is not divisible"),
+    (["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"], "model.num_layers=3 is not divisible"),
+    (["model.phase=nope"], "model.phase='nope' is not one of rope, drope, layers"),
+    (["model.phase=layers"], "model.phase=layers needs model.rope_layers"),
+    (["model.rope_layers=[0,9]"], "model.rope_layers has [9]"),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4"], "original_max_position_embeddings"),
+    (["model.attention_backend=megatron", "model.attention_temperature=log_length"],
+     "model.attention_temperature needs model.attention_backend=sdpa"),
+    (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 is not a multiple"),
+    (["train.lr=-1"], "train.lr=-1.0 must be positive"),
+    (["eval.lengths=[4y]"], "eval.lengths entry '4y'"),
+    (["recipes/demo-cpu.yaml", "model.phase"], "override 'model.phase' is not key=value"),
+    (["model.num_layers.deep=1"], "model.num_layers must be int"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_overrides_fail_with_one_line(overrides, message):
+    proc = drope("config", *overrides, timeout=60)
+    assert proc.returncode == 2, proc.stdout
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("drope: error: ") and message in lines[0], lines[0]
+    assert proc.stdout == ""
+
+
+def test_bad_recipe_files(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  num_layers: [1,\n")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    cases = [(tmp_path / "missing.yaml", "does not exist"), (broken, "is not valid YAML"),
+             (listy, "must be a mapping of sections")]
+    for path, message in cases:
+        proc = drope("config", str(path), timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_config_prints_resolved_yaml():
+    proc = drope("config", "recipes/demo-cpu.yaml", "train.lr=2e-4", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["lr"] == pytest.approx(2e-4)
+    assert load_recipe(ROOT / "recipes/demo-cpu.yaml").model.num_layers == printed["model"]["num_layers"]

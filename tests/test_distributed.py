@@ -1,0 +1,80 @@
+"""Distributed bootstrap: launcher discovery, real mpirun and torchrun jobs, bounded waits."""
+
+import json
+import sys
+import time
+
+import pytest
+
+from drope_megatron import distributed
+from tests.helpers import run, torchrun
+
+PROBE = "tests/workers/dist_probe.py"
+
+
+def reports(out) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+
+
+def test_discover_torchrun(monkeypatch):
+    for key, value in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node7", MASTER_PORT="1234").items():
+        monkeypatch.setenv(key, value)
+    assert distributed.discover() == distributed.DistEnv(3, 8, 1, "node7", 1234, "torchrun")
+
+
+def test_discover_slurm(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    env = dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_JOB_ID="424242",
+               SLURM_JOB_NODELIST="gpu[007-010,12]")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    found = distributed.discover()
+    assert (found.rank, found.world_size, found.local_rank, found.launcher) == (5, 16, 1, "slurm")
+    assert found.master_addr == "gpu007" and found.master_port == 20000 + 424242 % 20000
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-4],b1", "a3"), ("x-y[09,11]", "x-y09")])
+def test_first_slurm_host(nodelist, first):
+    assert distributed.first_slurm_host(nodelist) == first
+
+
+def test_single_process_without_launcher(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    found = distributed.discover()
+    assert (found.rank, found.world_size, found.launcher) == (0, 1, "single")
+
+
+def test_torchrun_job_with_tp2(tmp_path):
+    proc = torchrun(2, [PROBE, "report", "2", "1", str(tmp_path)], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = reports(tmp_path)
+    assert [r["rank"] for r in found] == [0, 1] and all(r["launcher"] == "torchrun" for r in found)
+    assert all(r["sum"] == 3.0 and r["tp_sum"] == 2.0 for r in found)
+    assert [r["tp_rank"] for r in found] == [0, 1]
+
+
+def test_mpirun_job(tmp_path):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, PROBE, "report", "1", "1",
+           str(tmp_path)]
+    proc = run(cmd, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = reports(tmp_path)
+    assert [r["rank"] for r in found] == [0, 1] and all(r["launcher"] == "mpi" for r in found)
+    assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in found)
+
+
+def test_frozen_peer_ends_the_job_within_the_timeout(tmp_path):
+    start = time.monotonic()
+    proc = torchrun(2, [PROBE, "stall", "1", "0.1", str(tmp_path)], timeout=180)  # 6 s collective timeout
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 90, f"job took {elapsed:.0f} s to notice a frozen peer"
+    assert "timed out" in proc.stderr.lower() or "timeout" in proc.stderr.lower(), proc.stderr[-2000:]
+
+
+def test_world_not_multiple_of_model_parallel_is_refused(tmp_path):
+    proc = torchrun(2, [PROBE, "report", "4", "1", str(tmp_path)], timeout=120)
+    assert proc.returncode != 0
+    assert "world size 2 is not a multiple of TP*PP=4" in proc.stderr
