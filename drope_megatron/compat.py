@@ -1,14 +1,17 @@
 """megatron-core CPU shims: the only place that knows megatron-core 0.16 assumes CUDA.
 
-`apply_cpu_shims()` is a no-op when CUDA is present. Without CUDA it patches the four
-CUDA-only spots measured on CPU machines (REFERENCE §2): the current-device lookup used
-for buffers, the model-parallel RNG tracker, the default causal mask and
-`torch.cuda.synchronize` in the checkpoint writer.
+`apply_cpu_shims()` is a no-op when CUDA is present. Without CUDA it patches the CUDA-only
+spots measured on CPU machines (REFERENCE §2): the current-device lookup used for buffers
+and pipeline messages, the model-parallel RNG tracker, the default causal mask,
+`torch.cuda.synchronize` in the checkpoint writer and pipeline p2p, the token counter the
+pipeline schedules allocate with `device="cuda"`, and `Tensor.cuda()` used when the last
+pipeline stage copies the tied embedding (an identity here: without CUDA it could only fail).
 """
 
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 from megatron.core.tensor_parallel import random as mp_random
@@ -46,6 +49,17 @@ def _cpu_causal_mask(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
 
+class _CpuTorch(types.ModuleType):
+    """`torch` as seen by megatron's pipeline schedules: tensors asked for on "cuda" land on the CPU."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, device=None, **kwargs):
+        return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
 def apply_cpu_shims() -> bool:
     """Patch megatron-core for CPU-only runs; returns True when the shims are active."""
     global _applied
@@ -55,12 +69,15 @@ def apply_cpu_shims() -> bool:
         return True
     torch.cuda.current_device = lambda: torch.device("cpu")
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
     mp_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
     mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     # fused_softmax imported the function by name, so both references are replaced.
     from megatron.core.fusions import fused_softmax
+    from megatron.core.pipeline_parallel import schedules
 
     transformer_utils.get_default_causal_mask = _cpu_causal_mask
     fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    schedules.torch = _CpuTorch("torch")
     _applied = True
     return True

@@ -13,6 +13,7 @@ import functools
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -43,7 +44,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         softmax_scale=m.softmax_scale,
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
-        params_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
         # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP.
         use_cpu_initialization=True,
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
@@ -74,17 +75,20 @@ def layer_spec(m: ModelConfig) -> ModuleSpec:
     return spec
 
 
-def build_model(m: ModelConfig, p: ParallelConfig, pre_process: bool = True,
-                post_process: bool = True) -> DropeGPTModel:
-    """The model for this rank (its TP shard and PP stage), in `m.phase`."""
+def build_model(m: ModelConfig, p: ParallelConfig) -> DropeGPTModel:
+    """The model for this rank (its TP shard and PP stage), in `m.phase`.
+
+    Needs megatron's parallel state (`distributed.initialize`): the stage decides whether this
+    rank holds the embedding (first stage) and the output layer and loss (last stage).
+    """
     rs = m.rope_scaling
     model = DropeGPTModel(
         config=transformer_config(m, p),
         transformer_layer_spec=layer_spec(m),
         vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
-        pre_process=pre_process,
-        post_process=post_process,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=m.tie_embeddings,
         position_embedding_type="yarn" if rs.type == "yarn" else "rope",
         rotary_base=m.rotary_base,

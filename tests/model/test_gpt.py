@@ -125,3 +125,25 @@ def test_rotary_base_and_scaling_reach_the_frequencies():
     yarn.set_phase("drope")
     yarn.set_phase("rope")
     assert yarn.position_embedding_type == "yarn"
+
+
+def test_qkv_bias_and_untied_embeddings():
+    model, recipe = tiny_model("model.qkv_bias=true", "model.tie_embeddings=false")
+    sd = model.state_dict()
+    assert "decoder.layers.0.self_attention.linear_qkv.bias" in sd
+    assert "decoder.layers.0.self_attention.linear_proj.bias" not in sd
+    assert sd["output_layer.weight"].shape == sd["embedding.word_embeddings.weight"].shape
+    assert model.output_layer.weight.data_ptr() != model.embedding.word_embeddings.weight.data_ptr()
+    tied, _ = tiny_model()
+    assert "output_layer.weight" not in tied.state_dict()
+    tokens, positions = batch(recipe)
+    model(tokens, positions, None, labels=tokens).mean().backward()
+    assert model.decoder.layers[0].self_attention.linear_qkv.bias.grad.abs().sum() > 0
+
+
+def test_vocab_is_padded_for_tp():
+    from drope_megatron.model import padded_vocab_size
+
+    _, recipe = tiny_model("model.vocab_size=250")
+    assert padded_vocab_size(recipe.model, 1) == 256 and padded_vocab_size(recipe.model, 2) == 256
+    assert padded_vocab_size(recipe.model, 8) == 512
