@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -63,6 +64,79 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    if args.action == "hf-to-megatron":
+        from drope_megatron.convert.hf_to_megatron import convert
+
+        dst = convert(args.src, args.dst, tp=args.tp, pp=args.pp, dtype=args.dtype, overwrite=args.overwrite,
+                      allow_sliding_window=args.ignore_sliding_window, show_progress=not args.quiet)
+        print(f"wrote Megatron checkpoint {dst} (loads at any TP dividing its query groups, any PP)")
+        return 0
+    if args.action == "megatron-to-hf":
+        from drope_megatron.convert.megatron_to_hf import export
+
+        print(export(args.src, args.dst, arch=args.arch, dtype=args.dtype, overwrite=args.overwrite,
+                     max_shard_bytes=int(args.max_shard_gib * 2**30), show_progress=not args.quiet))
+        return 0
+    from drope_megatron.convert.verify import verify
+
+    result = verify(args.hf, args.megatron, tp=args.tp, pp=args.pp, batch=args.batch, length=args.length,
+                    seed=args.seed, dtype=args.dtype, report=args.report)
+    if result is None:  # not the rank that compares
+        return 0
+    print(f"max |diff| {result['max_abs_diff']:.3e}  mean |diff| {result['mean_abs_diff']:.3e}  "
+          f"top-1 agreement {result['top1_agreement']:.4f}  ({result['tokens']} tokens, {result['dtype']})")
+    if result["max_abs_diff"] > args.atol:
+        print(f"drope: error: logits differ by {result['max_abs_diff']:.3e} > --atol {args.atol}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_convert_parsers(sub) -> None:
+    conv = sub.add_parser("convert", help="move weights between Hugging Face and Megatron formats",
+                          description="Conversion between Hugging Face folders and Megatron checkpoints.")
+    actions = conv.add_subparsers(dest="action", required=True, metavar="ACTION")
+    dtypes = ["float32", "bfloat16", "float16"]
+    p = actions.add_parser("hf-to-megatron", help="Hugging Face folder -> Megatron dist checkpoint",
+                           description="Stream a local Hugging Face folder (config.json + safetensors) into a "
+                                       "megatron-core dist checkpoint with metadata and tokenizer files. It loads "
+                                       "at any TP/PP; --tp fixes the vocabulary padding and is validated now.")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to pad and validate for (default 1)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for (default 1)")
+    p.add_argument("--dtype", choices=["auto", *dtypes], default="auto", help="default: the weights' own dtype")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--ignore-sliding-window", action="store_true",
+                   help="convert a sliding-window model to full attention (changes the function past the window)")
+    p.add_argument("--quiet", action="store_true")
+    p = actions.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face folder",
+                           description="Write a Hugging Face folder: the source architecture for a RoPE model, "
+                                       "a stock SmolLM3ForCausalLM with NoPE layers for a DroPE model.")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--arch", choices=["auto", "source", "nope"], default="auto",
+                   help="auto: source for phase rope, nope otherwise")
+    p.add_argument("--dtype", choices=["auto", *dtypes], default="auto", help="default: the checkpoint's dtype")
+    p.add_argument("--max-shard-gib", type=float, default=2.0, help="largest safetensors shard (default 2 GiB)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true")
+    p = actions.add_parser("verify", help="compare logits of a Hugging Face model and a Megatron checkpoint",
+                           description="Run both on the same random tokens; print max/mean |logit diff| and top-1 "
+                                       "agreement; exit 1 above --atol. At TP/PP > 1 launch TP*PP processes.")
+    p.add_argument("hf", type=Path)
+    p.add_argument("megatron", type=Path)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype of both models")
+    p.add_argument("--atol", type=float, default=1e-4)
+    p.add_argument("--report", type=Path, help="also write the numbers as JSON")
+    conv.set_defaults(func=cmd_convert)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="drope",
@@ -89,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="write the losses as JSON to this path (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_smoke)
+    _add_convert_parsers(sub)
     return parser
 
 

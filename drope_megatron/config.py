@@ -49,6 +49,7 @@ class ModelConfig:
     ffn_hidden_size: Optional[int] = None  # None: 8/3 * hidden rounded up to a multiple of 64
     kv_channels: Optional[int] = None  # head_dim; None: hidden_size / num_attention_heads
     vocab_size: int = 8192
+    padded_vocab_size: Optional[int] = None  # fixed by a converted checkpoint; None: derived from TP
     seq_length: int = 256  # the training context
     norm_epsilon: float = 1e-5
     qkv_bias: bool = False
@@ -63,6 +64,7 @@ class ModelConfig:
     phase: Literal["rope", "drope", "layers"] = "rope"
     rope_layers: Optional[list[int]] = None  # used when phase is "layers"
     qk_norm: bool = False  # the paper's full-width QK-norm variant
+    qk_head_norm: bool = False  # per-head q/k RMSNorm over head_dim (Qwen3; megatron's qk_layernorm)
     softmax_scale: Optional[float] = None  # None: head_dim ** -0.5
     attention_backend: Literal["sdpa", "megatron"] = "sdpa"
     # Inference-time temperature: "log_length" scales logits at query position i by
@@ -158,6 +160,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
     return dataclasses.asdict(recipe)
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from stored data (checkpoint metadata), type-checked like a recipe."""
+    return _build(ModelConfig, raw, "model.")
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -281,6 +288,11 @@ def validate(recipe: Recipe) -> None:
            f"model.num_layers={m.num_layers} is not divisible by "
            f"parallel.pipeline_model_parallel_size={p.pipeline_model_parallel_size}")
     _check(m.ffn_size % tp == 0, f"model.ffn_hidden_size={m.ffn_size} is not divisible by TP={tp}")
+    _check(not (m.qk_norm and m.qk_head_norm), "model.qk_norm and model.qk_head_norm exclude each other")
+    if m.padded_vocab_size is not None:
+        _check(m.padded_vocab_size >= m.vocab_size and m.padded_vocab_size % tp == 0,
+               f"model.padded_vocab_size={m.padded_vocab_size} must be >= model.vocab_size and divisible by "
+               f"TP={tp}: convert the checkpoint again with --tp {tp}")
     _validate_phase(m)
     _validate_rope_scaling(m)
     _check(m.softmax_scale is None or m.softmax_scale > 0, "model.softmax_scale must be positive")

@@ -8,6 +8,7 @@ groups and the model-parallel RNG seeds. `shutdown()` undoes it.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
@@ -131,3 +132,31 @@ def shutdown() -> None:
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(p: ParallelConfig | None = None, seed: int = 1234, single: bool = False):
+    """Be part of the job for the duration of a block, yielding this rank's DistEnv.
+
+    Reuses a job already set up with the same TP/PP (a test's, a caller's) and leaves it up;
+    otherwise initialises and shuts down. `single=True` insists on a world of one process
+    (offline tools such as conversion).
+    """
+    p = p or ParallelConfig()
+    owned = not parallel_state.model_parallel_is_initialized()
+    if owned:
+        env = initialize(p, seed)
+    else:
+        layout = (parallel_state.get_tensor_model_parallel_world_size(),
+                  parallel_state.get_pipeline_model_parallel_world_size())
+        if layout != (p.tensor_model_parallel_size, p.pipeline_model_parallel_size):
+            raise ConfigError(f"this process already runs TP={layout[0]} PP={layout[1]}; "
+                              f"asked for TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}")
+        env = DistEnv(dist.get_rank(), dist.get_world_size(), 0, "", 0, "existing")
+    try:
+        if single and env.world_size != 1:
+            raise ConfigError("this tool runs in a single process: start it without torchrun/srun/mpirun")
+        yield env
+    finally:
+        if owned:
+            shutdown()

@@ -28,6 +28,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def padded_vocab_size(m: ModelConfig, tp: int) -> int:
     """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
+    if m.padded_vocab_size is not None:
+        return m.padded_vocab_size
     multiple = m.make_vocab_size_divisible_by * tp
     return -(-m.vocab_size // multiple) * multiple
 
@@ -61,7 +63,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
 
 
 def layer_spec(m: ModelConfig) -> ModuleSpec:
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=m.qk_head_norm)
     attn = spec.submodules.self_attention
     sub = dataclasses.replace(attn.submodules)
     if m.attention_backend == "sdpa":
@@ -75,21 +77,27 @@ def layer_spec(m: ModelConfig) -> ModuleSpec:
     return spec
 
 
-def build_model(m: ModelConfig, p: ParallelConfig) -> DropeGPTModel:
+def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
+                gather_logits: bool = False) -> DropeGPTModel:
     """The model for this rank (its TP shard and PP stage), in `m.phase`.
 
     Needs megatron's parallel state (`distributed.initialize`): the stage decides whether this
     rank holds the embedding (first stage) and the output layer and loss (last stage).
+    `initialize=False` skips random init (weights about to be loaded); `gather_logits` returns
+    full-vocabulary logits on every TP rank instead of each rank's slice.
     """
     rs = m.rope_scaling
+    config = transformer_config(m, p)
+    config.perform_initialization = initialize
     model = DropeGPTModel(
-        config=transformer_config(m, p),
+        config=config,
         transformer_layer_spec=layer_spec(m),
         vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=m.tie_embeddings,
+        parallel_output=not gather_logits,
         position_embedding_type="yarn" if rs.type == "yarn" else "rope",
         rotary_base=m.rotary_base,
         seq_len_interpolation_factor=rs.factor if rs.type == "linear" else None,

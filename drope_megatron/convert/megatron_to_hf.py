@@ -1,0 +1,71 @@
+"""`drope convert megatron-to-hf`: the project's Megatron checkpoint -> a Hugging Face folder.
+
+A RoPE model goes back to its source architecture; a DroPE (or per-layer) model becomes a
+stock `SmolLM3ForCausalLM` with `no_rope_layers`, loadable by `AutoModelForCausalLM` without
+`trust_remote_code`. Tensors are written shard by shard; vocabulary padding is cut off.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from drope_megatron import distributed
+from drope_megatron.config import ConfigError, ParallelConfig
+from drope_megatron.convert import hf_config, tensors
+from drope_megatron.convert.hf_to_megatron import DTYPES, shapes_of
+from drope_megatron.convert.safetensors_io import ShardedWriter
+from drope_megatron.model import checkpoint
+from drope_megatron.model.gpt import rope_flags
+
+
+def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwrite: bool = False,
+           max_shard_bytes: int = 2 * 2**30, show_progress: bool = True) -> str:
+    """Write the Hugging Face folder; returns a one-line description of what was written."""
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and not overwrite:
+        raise ConfigError(f"{dst} already exists: pass --overwrite to replace it")
+    meta = checkpoint.read_meta(src)
+    m = checkpoint.model_config(src)
+    if arch == "auto":
+        arch = "source" if m.phase == "rope" else "nope"
+    out_dtype = DTYPES[m.params_dtype if dtype == "auto" else dtype]
+    cfg, family = hf_config.hf_config_for_export(m, arch, meta.get("source"), out_dtype)
+    staging = dst.with_name(f".{dst.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with distributed.session(single=True):
+            model, _ = checkpoint.load_model(src, ParallelConfig())
+            _write_tensors(model, m, family.per_layer_nope, ShardedWriter(staging, max_shard_bytes), out_dtype,
+                           show_progress)
+        cfg.save_pretrained(str(staging))
+        if (src / "tokenizer").is_dir():
+            for item in (src / "tokenizer").iterdir():
+                shutil.copy2(item, staging / item.name)
+        if dst.exists():
+            shutil.rmtree(dst)
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    flags = rope_flags(m.phase, m.num_layers, m.rope_layers)
+    detail = f" with no_rope_layers={[int(f) for f in flags]}" if family.per_layer_nope else ""
+    return f"wrote {family.architecture}{detail} ({str(out_dtype).removeprefix('torch.')}) to {dst}"
+
+
+def _write_tensors(model, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
+    shapes = shapes_of(m, model.vocab_size)
+    params = list(model.named_parameters())
+    for name, param in tqdm(params, desc="megatron -> hf", unit="tensor", disable=not show_progress):
+        rule = tensors.mapping_for(name)
+        for hf_name, tensor in zip(rule.hf, tensors.to_hf(rule.how, param.detach(), shapes)):
+            writer.add(hf_name, tensor.to(dtype))
+        if zero_o_bias and m.qkv_bias and rule.how == "qkv" and name.endswith(".bias"):
+            # SmolLM3's attention_bias covers q, k, v and o; Qwen2-style models have no o bias.
+            o_bias = rule.hf[0].replace("q_proj", "o_proj")
+            writer.add(o_bias, torch.zeros(m.hidden_size, dtype=dtype))
+    writer.close()

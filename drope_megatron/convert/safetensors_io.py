@@ -1,0 +1,105 @@
+"""Streaming safetensors I/O: read one tensor at a time from a Hugging Face folder, write
+size-capped shards with an index, as `save_pretrained` lays them out."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from drope_megatron.config import ConfigError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class SafetensorsReader:
+    """The tensors of a Hugging Face folder, opened lazily shard by shard (memory-mapped)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._handles: dict[str, object] = {}
+        if (folder / INDEX).is_file():
+            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+        elif (folder / SINGLE).is_file():
+            weight_map = {name: SINGLE for name in self._open(SINGLE).keys()}
+        elif any(folder.glob("pytorch_model*.bin")):
+            raise ConfigError(f"{folder} holds only pickled pytorch_model*.bin weights, which are not loaded "
+                              "(unsafe): re-save it with save_pretrained(..., safe_serialization=True)")
+        else:
+            raise ConfigError(f"{folder} has no {SINGLE} or {INDEX}: pass a Hugging Face model folder")
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise ConfigError(f"shard {shard} listed in {INDEX} is missing from {folder}: download it again")
+        self.weight_map = weight_map
+
+    def _open(self, shard: str):
+        if shard not in self._handles:
+            try:
+                self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
+            except Exception as exc:  # safetensors raises its own error types for bad headers
+                raise ConfigError(f"cannot read shard {self.folder / shard} ({exc}): the file is corrupt or "
+                                  "truncated; download it again") from None
+        return self._handles[shard]
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise ConfigError(f"tensor {name} is missing from {self.folder}: the checkpoint does not match its "
+                              "config.json")
+        try:
+            return self._open(self.weight_map[name]).get_tensor(name)
+        except ConfigError:
+            raise
+        except Exception as exc:
+            raise ConfigError(f"cannot read {name} from {self.weight_map[name]} ({exc}): the shard is corrupt; "
+                              "download it again") from None
+
+    def dtype(self) -> torch.dtype:
+        name = next(iter(self.weight_map))
+        return self.get(name).dtype
+
+
+class ShardedWriter:
+    """Collects tensors into safetensors shards of at most `max_bytes`, then writes the index."""
+
+    def __init__(self, folder: Path, max_bytes: int = 2 * 2**30):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        index = len(self.shards) + 1
+        save_file(self.pending, str(self.folder / f"part-{index}.safetensors"), metadata={"format": "pt"})
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        if self.pending or not self.shards:
+            self._flush()
+        count = len(self.shards)
+        if count == 1:
+            (self.folder / "part-1.safetensors").rename(self.folder / SINGLE)
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards, start=1):
+            final = f"model-{i:05d}-of-{count:05d}.safetensors"
+            (self.folder / f"part-{i}.safetensors").rename(self.folder / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")

@@ -1,0 +1,98 @@
+"""The project's Megatron checkpoint: a megatron-core dist checkpoint plus a small metadata file.
+
+    CKPT/
+      drope_checkpoint.json   model config (ModelConfig), padded vocab, source architecture, dtype
+      weights/                megatron-core `dist_checkpointing` (torch_dist): loads at any TP/PP
+      tokenizer/              the model's tokenizer files, when it has them
+
+Writes go to a temporary sibling folder renamed into place at the end, so a reader never sees
+half a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
+                                   validate)
+
+META = "drope_checkpoint.json"
+FORMAT = "drope-megatron/1"
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META).is_file()
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    meta_path = Path(path) / META
+    if not meta_path.is_file():
+        raise ConfigError(f"{path} is not a drope Megatron checkpoint (no {META}): convert one with "
+                          "`drope convert hf-to-megatron`")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT}")
+    return meta
+
+
+def model_config(path: str | Path) -> ModelConfig:
+    return model_config_from_dict(read_meta(path)["model"])
+
+
+def staging_dir(dst: Path) -> Path:
+    return dst.with_name(f".{dst.name}.partial")
+
+
+def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = None,
+         tokenizer_dir: Path | None = None) -> Path:
+    """Collective over all ranks: write the model's shards, metadata and tokenizer, then publish.
+
+    `extra` adds top-level metadata (e.g. `source`, the Hugging Face origin, kept across saves)."""
+    dst = Path(dst)
+    tmp = staging_dir(dst)
+    rank0 = not dist.is_initialized() or dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "weights").mkdir(parents=True)
+    _barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"))
+    if rank0:
+        meta = {"format": FORMAT, "model": dataclasses.asdict(m), **(extra or {})}
+        # The live model is the truth for what it computes: its padding and its current phase.
+        meta["model"].update(padded_vocab_size=model.vocab_size, phase=model.phase,
+                             rope_layers=model.rope_layers if model.phase == "layers" else m.rope_layers)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer_dir is not None and any(tokenizer_dir.iterdir()):
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    _barrier()
+    return dst
+
+
+def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, **build_kwargs):
+    """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
+    (cast to `dtype` when given, e.g. float32 for verification)."""
+    from drope_megatron.model.build import build_model
+
+    m = model_config(path)
+    if dtype is not None:
+        m.params_dtype = dtype
+    validate(Recipe(model=m, parallel=p))
+    model = build_model(m, p, initialize=False, **build_kwargs)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "weights"))
+    model.load_state_dict(state, strict=True)
+    return model, m
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

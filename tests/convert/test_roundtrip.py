@@ -1,0 +1,97 @@
+"""HF -> Megatron -> HF for every family, GQA and MHA, tied and untied: logits and bytes."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from drope_megatron.convert.hf_to_megatron import convert
+from drope_megatron.convert.megatron_to_hf import export
+from drope_megatron.model import checkpoint
+from tests.convert.hf_models import FAMILY_EXTRAS, hf_config, megatron_logits, save_hf_model
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+CASES = [(f, gqa, tied) for f in FAMILY_EXTRAS for gqa in (True, False) for tied in (True, False)]
+
+
+def weights(folder):
+    files = sorted(folder.glob("*.safetensors"))
+    return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def round_trip(tmp_path, cfg, dtype=torch.float32):
+    hf_dir, meg_dir, out_dir = tmp_path / "hf", tmp_path / "meg", tmp_path / "out"
+    model = save_hf_model(hf_dir, cfg, dtype)
+    convert(hf_dir, meg_dir, show_progress=False)
+    export(meg_dir, out_dir, show_progress=False)
+    return model, hf_dir, meg_dir, out_dir
+
+
+@pytest.mark.parametrize("family,gqa,tied", CASES, ids=[f"{f}-{'gqa' if g else 'mha'}-{'tied' if t else 'untied'}"
+                                                       for f, g, t in CASES])
+def test_logits_match_and_export_is_bitwise(tmp_path, family, gqa, tied):
+    model, hf_dir, meg_dir, out_dir = round_trip(tmp_path, hf_config(family, gqa=gqa, tied=tied))
+    tokens = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    ours = megatron_logits(meg_dir, tokens)
+    assert theirs.abs().max() > 0.5  # a model whose logits mean something
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    before, after = weights(hf_dir), weights(out_dir)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and torch.equal(before[name], after[name]), name
+    written = json.loads((out_dir / "config.json").read_text())
+    assert written["architectures"] == [type(model).__name__]
+    assert written["tie_word_embeddings"] == tied and written["num_key_value_heads"] == (2 if gqa else 4)
+
+
+@pytest.mark.parametrize("scaling", [
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 16},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+], ids=lambda s: s["rope_type"])
+def test_rope_theta_and_scaling_survive(tmp_path, scaling):
+    cfg = hf_config("llama", rope_scaling=scaling, rope_theta=50000.0)
+    model, _, meg_dir, out_dir = round_trip(tmp_path, cfg)
+    m = checkpoint.model_config(meg_dir)
+    assert m.rotary_base == 50000.0 and m.rope_scaling.type == scaling["rope_type"]
+    tokens = torch.randint(0, 300, (1, 100), generator=torch.Generator().manual_seed(2))  # past 32 positions
+    with torch.no_grad():
+        theirs = model(tokens).logits
+    torch.testing.assert_close(megatron_logits(meg_dir, tokens), theirs, rtol=0, atol=1e-4)
+    written = json.loads((out_dir / "config.json").read_text())
+    rope = written.get("rope_parameters") or {**written["rope_scaling"], "rope_theta": written["rope_theta"]}
+    assert rope["rope_theta"] == 50000.0 and rope["rope_type"] == scaling["rope_type"]
+    assert rope["factor"] == scaling["factor"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_is_kept_not_upcast(tmp_path, dtype):
+    _, hf_dir, meg_dir, out_dir = round_trip(tmp_path, hf_config("qwen2"), dtype=dtype)
+    assert checkpoint.model_config(meg_dir).params_dtype == str(dtype).removeprefix("torch.")
+    after = weights(out_dir)
+    assert all(t.dtype == dtype for t in after.values())
+    assert all(torch.equal(a, after[k]) for k, a in weights(hf_dir).items())
+    assert json.loads((out_dir / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_sharded_source_and_sharded_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config("llama")
+    hf_dir, meg_dir, out_dir = tmp_path / "hf", tmp_path / "meg", tmp_path / "out"
+    save_hf_model(hf_dir, cfg)
+    AutoModelForCausalLM.from_pretrained(str(hf_dir)).save_pretrained(str(tmp_path / "sharded"), max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    convert(tmp_path / "sharded", meg_dir, show_progress=False)
+    export(meg_dir, out_dir, max_shard_bytes=60_000, show_progress=False)
+    index = json.loads((out_dir / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 2
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir))
+    original = AutoModelForCausalLM.from_pretrained(str(hf_dir))
+    tokens = torch.randint(0, 300, (1, 16))
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, original(tokens).logits)
