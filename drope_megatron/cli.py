@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import yaml
@@ -92,35 +93,37 @@ def cmd_convert(args) -> int:
     return 0
 
 
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def _add_io_args(p: argparse.ArgumentParser, default_dtype: str) -> None:
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=f"output dtype (auto: {default_dtype})")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _add_convert_parsers(sub) -> None:
     conv = sub.add_parser("convert", help="move weights between Hugging Face and Megatron formats",
                           description="Conversion between Hugging Face folders and Megatron checkpoints.")
     actions = conv.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dtypes = ["float32", "bfloat16", "float16"]
     p = actions.add_parser("hf-to-megatron", help="Hugging Face folder -> Megatron dist checkpoint",
                            description="Stream a local Hugging Face folder (config.json + safetensors) into a "
                                        "megatron-core dist checkpoint with metadata and tokenizer files. It loads "
                                        "at any TP/PP; --tp fixes the vocabulary padding and is validated now.")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
+    _add_io_args(p, "the weights' own dtype")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to pad and validate for (default 1)")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for (default 1)")
-    p.add_argument("--dtype", choices=["auto", *dtypes], default="auto", help="default: the weights' own dtype")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--ignore-sliding-window", action="store_true",
                    help="convert a sliding-window model to full attention (changes the function past the window)")
-    p.add_argument("--quiet", action="store_true")
     p = actions.add_parser("megatron-to-hf", help="Megatron checkpoint -> Hugging Face folder",
                            description="Write a Hugging Face folder: the source architecture for a RoPE model, "
                                        "a stock SmolLM3ForCausalLM with NoPE layers for a DroPE model.")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
+    _add_io_args(p, "the checkpoint's dtype")
     p.add_argument("--arch", choices=["auto", "source", "nope"], default="auto",
                    help="auto: source for phase rope, nope otherwise")
-    p.add_argument("--dtype", choices=["auto", *dtypes], default="auto", help="default: the checkpoint's dtype")
     p.add_argument("--max-shard-gib", type=float, default=2.0, help="largest safetensors shard (default 2 GiB)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--quiet", action="store_true")
     p = actions.add_parser("verify", help="compare logits of a Hugging Face model and a Megatron checkpoint",
                            description="Run both on the same random tokens; print max/mean |logit diff| and top-1 "
                                        "agreement; exit 1 above --atol. At TP/PP > 1 launch TP*PP processes.")
@@ -131,7 +134,7 @@ def _add_convert_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=dtypes, default="float32", help="compute dtype of both models")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of both models")
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--report", type=Path, help="also write the numbers as JSON")
     conv.set_defaults(func=cmd_convert)
@@ -168,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # megatron-core announces at import that Apex / Transformer Engine are absent: expected here.
+    warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
+    warnings.filterwarnings("ignore", message="full scope is deprecated")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

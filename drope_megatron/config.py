@@ -83,6 +83,13 @@ class ModelConfig:
     def ffn_size(self) -> int:
         return self.ffn_hidden_size or -(-8 * self.hidden_size // 3 // 64) * 64
 
+    def padded_vocab(self, tp: int) -> int:
+        """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
+        if self.padded_vocab_size is not None:
+            return self.padded_vocab_size
+        multiple = self.make_vocab_size_divisible_by * tp
+        return -(-self.vocab_size // multiple) * multiple
+
 
 @dataclass
 class ParallelConfig:
@@ -144,6 +151,22 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def rope_flags(phase: str, num_layers: int, rope_layers: Optional[list[int]] = None) -> list[bool]:
+    """Which of the num_layers layers (0-based) apply RoPE in `phase`."""
+    if phase not in PHASES:
+        raise ValueError(f"unknown positional phase {phase!r}: use one of {', '.join(PHASES)}")
+    if phase == "rope":
+        return [True] * num_layers
+    if phase == "drope":
+        return [False] * num_layers
+    if not rope_layers:
+        raise ValueError("phase 'layers' needs rope_layers, the 0-based layers that keep RoPE")
+    bad = [i for i in rope_layers if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"rope_layers {bad} are outside 0..{num_layers - 1}")
+    return [i in set(rope_layers) for i in range(num_layers)]
 
 
 def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:

@@ -12,9 +12,8 @@ from typing import Any
 
 import torch
 
-from drope_megatron.config import ConfigError, ModelConfig, RopeScalingConfig
+from drope_megatron.config import ConfigError, ModelConfig, RopeScalingConfig, rope_flags
 from drope_megatron.convert.families import NOPE_EXPORT, Family, family_named
-from drope_megatron.model.gpt import rope_flags
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 

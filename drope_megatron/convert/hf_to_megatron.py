@@ -13,12 +13,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drope_megatron import distributed
 from drope_megatron.config import ConfigError, ModelConfig, ParallelConfig, Recipe, validate
 from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.families import family_for
 from drope_megatron.convert.safetensors_io import SafetensorsReader
-from drope_megatron.model import build_model, checkpoint, padded_vocab_size
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -54,8 +52,12 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
     torch_dtype = reader.dtype() if dtype == "auto" else DTYPES[dtype]
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     m.params_dtype = hf_config.DTYPE_NAMES[torch_dtype]
-    m.padded_vocab_size = padded_vocab_size(m, tp)
+    m.padded_vocab_size = m.padded_vocab(tp)
     validate(Recipe(model=m, parallel=parallel))  # TP/PP divisibility, before any work
+    # megatron-core loads only now: bad input is refused in a blink.
+    from drope_megatron import checkpoint, distributed
+    from drope_megatron.model import build_model
+
     try:
         with distributed.session(single=True):
             model = build_model(m, ParallelConfig(), initialize=False)
@@ -65,7 +67,7 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
                                                       "written_for": {"tp": tp, "pp": pp}},
                                 tokenizer_dir=tokenizer_dir)
     except BaseException:
-        shutil.rmtree(checkpoint.staging_dir(dst), ignore_errors=True)
+        shutil.rmtree(checkpoint.staging_dir(dst), ignore_errors=True)  # no partial output
         raise
     return dst
 

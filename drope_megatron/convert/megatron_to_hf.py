@@ -13,13 +13,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drope_megatron import distributed
-from drope_megatron.config import ConfigError, ParallelConfig
+from drope_megatron.config import ConfigError, ParallelConfig, rope_flags
 from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.hf_to_megatron import DTYPES, shapes_of
 from drope_megatron.convert.safetensors_io import ShardedWriter
-from drope_megatron.model import checkpoint
-from drope_megatron.model.gpt import rope_flags
+from drope_megatron import checkpoint
 
 
 def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwrite: bool = False,
@@ -34,6 +32,8 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
         arch = "source" if m.phase == "rope" else "nope"
     out_dtype = DTYPES[m.params_dtype if dtype == "auto" else dtype]
     cfg, family = hf_config.hf_config_for_export(m, arch, meta.get("source"), out_dtype)
+    from drope_megatron import distributed  # megatron-core loads only once the input is known good
+
     staging = dst.with_name(f".{dst.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)

@@ -15,7 +15,7 @@ from megatron.core import parallel_state
 from drope_megatron import atomic, distributed
 from drope_megatron.config import ConfigError, ParallelConfig
 from drope_megatron.convert.hf_to_megatron import DTYPES
-from drope_megatron.model import checkpoint
+from drope_megatron import checkpoint
 from drope_megatron.model.pipeline import forward_logits
 
 

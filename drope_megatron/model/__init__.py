@@ -5,7 +5,7 @@ removes RoPE from every layer of a live model, `"rope"` puts it back, `"layers"`
 only in selected layers. Checkpoint keys are the same in every phase.
 """
 
-from drope_megatron.model.build import build_model, padded_vocab_size, transformer_config
-from drope_megatron.model.gpt import DropeGPTModel, rope_flags
+from drope_megatron.model.build import build_model, transformer_config
+from drope_megatron.model.gpt import DropeGPTModel
 
-__all__ = ["DropeGPTModel", "build_model", "padded_vocab_size", "rope_flags", "transformer_config"]
+__all__ = ["DropeGPTModel", "build_model", "transformer_config"]

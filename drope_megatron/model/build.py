@@ -26,14 +26,6 @@ from drope_megatron.model.qk_norm import FullWidthRMSNorm
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def padded_vocab_size(m: ModelConfig, tp: int) -> int:
-    """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
-    if m.padded_vocab_size is not None:
-        return m.padded_vocab_size
-    multiple = m.make_vocab_size_divisible_by * tp
-    return -(-m.vocab_size // multiple) * multiple
-
-
 def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
     dtype = DTYPES[m.params_dtype]
     rs = m.rope_scaling
@@ -92,7 +84,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
     model = DropeGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(m),
-        vocab_size=padded_vocab_size(m, p.tensor_model_parallel_size),
+        vocab_size=m.padded_vocab(p.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),

@@ -11,23 +11,7 @@ from typing import Optional, Sequence
 
 from megatron.core.models.gpt import GPTModel
 
-from drope_megatron.config import PHASES
-
-
-def rope_flags(phase: str, num_layers: int, rope_layers: Optional[Sequence[int]] = None) -> list[bool]:
-    """Which of the num_layers layers (0-based) apply RoPE in `phase`."""
-    if phase not in PHASES:
-        raise ValueError(f"unknown positional phase {phase!r}: use one of {', '.join(PHASES)}")
-    if phase == "rope":
-        return [True] * num_layers
-    if phase == "drope":
-        return [False] * num_layers
-    if not rope_layers:
-        raise ValueError("phase 'layers' needs rope_layers, the 0-based layers that keep RoPE")
-    bad = [i for i in rope_layers if not 0 <= i < num_layers]
-    if bad:
-        raise ValueError(f"rope_layers {bad} are outside 0..{num_layers - 1}")
-    return [i in set(rope_layers) for i in range(num_layers)]
+from drope_megatron.config import rope_flags
 
 
 class DropeGPTModel(GPTModel):

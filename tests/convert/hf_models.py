@@ -45,7 +45,7 @@ def save_hf_model(folder: Path, cfg, dtype=torch.float32, seed: int = 0):
 def megatron_logits(ckpt: Path, tokens: torch.Tensor, dtype: str | None = None) -> torch.Tensor:
     from drope_megatron import distributed
     from drope_megatron.config import ParallelConfig
-    from drope_megatron.model import checkpoint
+    from drope_megatron import checkpoint
     from drope_megatron.model.pipeline import forward_logits
 
     with distributed.session(single=True):

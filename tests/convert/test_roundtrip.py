@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from drope_megatron.convert.hf_to_megatron import convert
 from drope_megatron.convert.megatron_to_hf import export
-from drope_megatron.model import checkpoint
+from drope_megatron import checkpoint
 from tests.convert.hf_models import FAMILY_EXTRAS, hf_config, megatron_logits, save_hf_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")

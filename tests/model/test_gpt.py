@@ -4,7 +4,7 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from drope_megatron.model import rope_flags
+from drope_megatron.config import rope_flags
 from tests.helpers import batch, tiny_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
@@ -142,8 +142,6 @@ def test_qkv_bias_and_untied_embeddings():
 
 
 def test_vocab_is_padded_for_tp():
-    from drope_megatron.model import padded_vocab_size
-
     _, recipe = tiny_model("model.vocab_size=250")
-    assert padded_vocab_size(recipe.model, 1) == 256 and padded_vocab_size(recipe.model, 2) == 256
-    assert padded_vocab_size(recipe.model, 8) == 512
+    assert recipe.model.padded_vocab(1) == 256 and recipe.model.padded_vocab(2) == 256
+    assert recipe.model.padded_vocab(8) == 512

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
-from megatron.core import dist_checkpointing
 
 from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
                                    validate)
@@ -55,6 +54,8 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
     """Collective over all ranks: write the model's shards, metadata and tokenizer, then publish.
 
     `extra` adds top-level metadata (e.g. `source`, the Hugging Face origin, kept across saves)."""
+    from megatron.core import dist_checkpointing  # here, so metadata readers import nothing heavy
+
     dst = Path(dst)
     tmp = staging_dir(dst)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
@@ -81,7 +82,9 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
 def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, **build_kwargs):
     """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
     (cast to `dtype` when given, e.g. float32 for verification)."""
-    from drope_megatron.model.build import build_model
+    from megatron.core import dist_checkpointing
+
+    from drope_megatron.model import build_model
 
     m = model_config(path)
     if dtype is not None:

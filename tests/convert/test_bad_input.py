@@ -1,0 +1,116 @@
+"""Bad input to `drope convert`: one clear line, exit 2, no output folder, no leftovers."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.convert.hf_models import hf_config, save_hf_model
+from tests.helpers import drope
+
+
+@pytest.fixture(scope="module")
+def good_hf(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("good") / "hf"
+    save_hf_model(folder, hf_config("llama"))
+    return folder
+
+
+def broken_copy(good_hf, tmp_path, breakage):
+    folder = tmp_path / "src"
+    shutil.copytree(good_hf, folder)
+    breakage(folder)
+    return folder
+
+
+def edit_config(**changes):
+    def apply(folder):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.update(changes)
+        (folder / "config.json").write_text(json.dumps(cfg))
+    return apply
+
+
+def truncate(folder):
+    data = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(data[: len(data) // 3])
+
+
+def corrupt_header(folder):
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[8:40] = b"x" * 32
+    (folder / "model.safetensors").write_bytes(bytes(data))
+
+
+def shard_missing(folder):
+    weights = {"lm_head.weight": torch.zeros(1)}
+    save_file(weights, str(folder / "model-00001-of-00002.safetensors"))
+    index = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors",
+                            "model.norm.weight": "model-00002-of-00002.safetensors"}}
+    (folder / "model.safetensors").unlink()
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def only_pickle(folder):
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+def extra_tensor(folder):
+    from safetensors.torch import load_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.0.self_attn.o_proj.bias"] = torch.zeros(64)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+CASES = {
+    "unsupported-architecture": (edit_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]), [],
+                                 "unsupported architecture model_type='gpt2'"),
+    "truncated-shard": (truncate, [], "is corrupt or truncated"),
+    "corrupt-header": (corrupt_header, [], "is corrupt or truncated"),
+    "missing-shard": (shard_missing, [], "shard model-00002-of-00002.safetensors listed in"),
+    "pickle-only": (only_pickle, [], "not loaded (unsafe)"),
+    "shape-mismatch": (edit_config(intermediate_size=80), [], "has shape [96, 64] but config.json implies [80, 64]"),
+    "groups-vs-tp": (lambda f: None, ["--tp", "4"], "num_query_groups=2 is not divisible by "
+                                                    "parallel.tensor_model_parallel_size=4"),
+    "gelu": (edit_config(hidden_act="gelu"), [], "hidden_act='gelu' is not supported"),
+    "unknown-tensor": (extra_tensor, [], "have no place in the model, e.g. model.layers.0.self_attn.o_proj.bias"),
+    "sliding-window": (edit_config(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
+                       [], "pass --ignore-sliding-window"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_source_is_refused_cleanly(good_hf, tmp_path, case):
+    breakage, args, message = CASES[case]
+    src = broken_copy(good_hf, tmp_path, breakage)
+    dst = tmp_path / "out" / "meg"
+    proc = drope("convert", "hf-to-megatron", str(src), str(dst), "--quiet", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("drope: error: ") and message in lines[0], proc.stderr[-2000:]
+    assert not dst.exists()
+    assert not (dst.parent.exists() and any(dst.parent.iterdir())), list(dst.parent.iterdir())
+
+
+def test_existing_output_needs_overwrite(good_hf, tmp_path):
+    dst = tmp_path / "meg"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("mine")
+    proc = drope("convert", "hf-to-megatron", str(good_hf), str(dst), "--quiet")
+    assert proc.returncode == 2 and "already exists: pass --overwrite" in proc.stderr
+    assert (dst / "keep.txt").read_text() == "mine"
+    proc = drope("convert", "hf-to-megatron", str(good_hf), str(dst), "--quiet", "--overwrite")
+    assert proc.returncode == 0 and not (dst / "keep.txt").exists() and (dst / "drope_checkpoint.json").is_file()
+    out = tmp_path / "hf_out"
+    out.mkdir()
+    proc = drope("convert", "megatron-to-hf", str(dst), str(out), "--quiet")
+    assert proc.returncode == 2 and "already exists: pass --overwrite" in proc.stderr
+
+
+def test_export_of_a_non_checkpoint_is_refused(tmp_path):
+    proc = drope("convert", "megatron-to-hf", str(tmp_path), str(tmp_path / "out"), "--quiet")
+    assert proc.returncode == 2 and "is not a drope Megatron checkpoint" in proc.stderr
+    assert not (tmp_path / "out").exists()

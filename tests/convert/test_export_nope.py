@@ -1,0 +1,102 @@
+"""DroPE models leave as a stock SmolLM3ForCausalLM with NoPE layers, or not at all."""
+
+import json
+
+import pytest
+import torch
+
+from drope_megatron import distributed
+from drope_megatron.config import ConfigError, ParallelConfig
+from drope_megatron.convert.hf_to_megatron import convert
+from drope_megatron.convert.megatron_to_hf import export
+from drope_megatron import checkpoint
+from tests.convert.hf_models import hf_config, megatron_logits, save_hf_model
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+
+
+def dropped(tmp_path, family, phase="drope", rope_layers=None, **cfg):
+    """Convert a tiny HF model, switch the Megatron model's phase, save it as a new checkpoint."""
+    hf_dir, meg_dir, drope_dir = tmp_path / "hf", tmp_path / "meg", tmp_path / "drope"
+    save_hf_model(hf_dir, hf_config(family, **cfg))
+    convert(hf_dir, meg_dir, show_progress=False)
+    with distributed.session(single=True):
+        model, m = checkpoint.load_model(meg_dir, ParallelConfig())
+        model.set_phase(phase, rope_layers)
+        checkpoint.save(model, m, drope_dir, extra={"source": checkpoint.read_meta(meg_dir)["source"]},
+                        tokenizer_dir=meg_dir / "tokenizer")
+    return drope_dir
+
+
+@pytest.mark.parametrize("family,phase,rope_layers", [
+    ("llama", "drope", None), ("mistral", "drope", None), ("qwen2", "drope", None), ("llama", "layers", [1]),
+    ("smollm3", "drope", None),
+])
+def test_nope_export_loads_with_plain_automodel_and_matches(tmp_path, family, phase, rope_layers):
+    from transformers import AutoModelForCausalLM
+
+    drope_dir = dropped(tmp_path, family, phase, rope_layers)
+    message = export(drope_dir, tmp_path / "out", show_progress=False)
+    assert "SmolLM3ForCausalLM" in message
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()  # no trust_remote_code
+    assert type(hf).__name__ == "SmolLM3ForCausalLM"
+    expected_flags = [0, 1] if phase == "layers" else [0] * hf.config.num_hidden_layers
+    assert hf.config.no_rope_layers == expected_flags
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == 2 and written["bos_token_id"] == 1  # the source's tokens, not SmolLM3's
+    tokens = torch.randint(0, 300, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        theirs = hf(tokens).logits
+    ours = megatron_logits(drope_dir, tokens)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-4)
+    # and it really is position-free where asked: not the RoPE model's function
+    assert (megatron_logits(tmp_path / "meg", tokens) - ours).abs().max() > 1e-3
+
+
+def test_qwen2_biases_become_attention_bias_with_zero_o_bias(tmp_path):
+    from safetensors.torch import load_file
+
+    export(dropped(tmp_path, "qwen2"), tmp_path / "out", show_progress=False)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.all(tensors["model.layers.0.self_attn.o_proj.bias"] == 0)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_bias"] is True
+
+
+@pytest.mark.parametrize("family,arch,message", [
+    ("llama", "source", "LlamaForCausalLM cannot express"),
+    ("qwen3", "nope", "per-head q/k norms (Qwen3) have no stock NoPE architecture"),
+])
+def test_inexpressible_exports_are_refused_and_leave_nothing(tmp_path, family, arch, message):
+    drope_dir = dropped(tmp_path, family)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        export(drope_dir, tmp_path / "out", arch=arch, show_progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_qk_norm_variant_is_refused(tmp_path):
+    from drope_megatron.config import load_recipe
+    from drope_megatron.model import build_model
+
+    recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                "model.vocab_size=128", "model.qk_norm=true", "model.phase=drope"])
+    with distributed.session(single=True):
+        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "qk")
+    with pytest.raises(ConfigError, match="QK-norm DroPE variant"):
+        export(tmp_path / "qk", tmp_path / "out", show_progress=False)
+
+
+def test_model_trained_here_exports_as_llama(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from drope_megatron.config import load_recipe
+    from drope_megatron.model import build_model
+
+    recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                "model.num_query_groups=2", "model.vocab_size=100", "model.init_method_std=0.1"])
+    with distributed.session(single=True):
+        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "own")
+    assert "LlamaForCausalLM" in export(tmp_path / "own", tmp_path / "out", show_progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    tokens = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(megatron_logits(tmp_path / "own", tokens), hf(tokens).logits, rtol=0, atol=1e-4)
