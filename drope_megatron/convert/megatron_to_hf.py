@@ -21,7 +21,7 @@ from drope_megatron import checkpoint
 
 
 def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwrite: bool = False,
-           max_shard_bytes: int = 2 * 2**30, show_progress: bool = True) -> str:
+           max_shard_bytes: int = 2**30, show_progress: bool = True) -> str:
     """Write the Hugging Face folder; returns a one-line description of what was written."""
     src, dst = Path(src), Path(dst)
     if dst.exists() and not overwrite:

@@ -17,15 +17,15 @@ SINGLE = "model.safetensors"
 
 
 class SafetensorsReader:
-    """The tensors of a Hugging Face folder, opened lazily shard by shard (memory-mapped)."""
+    """The tensors of a Hugging Face folder, read one at a time."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self._handles: dict[str, object] = {}
         if (folder / INDEX).is_file():
             weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
         elif (folder / SINGLE).is_file():
-            weight_map = {name: SINGLE for name in self._open(SINGLE).keys()}
+            with self._open(SINGLE) as shard:
+                weight_map = {name: SINGLE for name in shard.keys()}
         elif any(folder.glob("pytorch_model*.bin")):
             raise ConfigError(f"{folder} holds only pickled pytorch_model*.bin weights, which are not loaded "
                               "(unsafe): re-save it with save_pretrained(..., safe_serialization=True)")
@@ -37,13 +37,11 @@ class SafetensorsReader:
         self.weight_map = weight_map
 
     def _open(self, shard: str):
-        if shard not in self._handles:
-            try:
-                self._handles[shard] = safe_open(str(self.folder / shard), framework="pt")
-            except Exception as exc:  # safetensors raises its own error types for bad headers
-                raise ConfigError(f"cannot read shard {self.folder / shard} ({exc}): the file is corrupt or "
-                                  "truncated; download it again") from None
-        return self._handles[shard]
+        try:
+            return safe_open(str(self.folder / shard), framework="pt")
+        except Exception as exc:  # safetensors raises its own error types for bad headers
+            raise ConfigError(f"cannot read shard {self.folder / shard} ({exc}): the file is corrupt or "
+                              "truncated; download it again") from None
 
     def names(self) -> list[str]:
         return list(self.weight_map)
@@ -52,8 +50,11 @@ class SafetensorsReader:
         if name not in self.weight_map:
             raise ConfigError(f"tensor {name} is missing from {self.folder}: the checkpoint does not match its "
                               "config.json")
+        # Open per tensor and close at once: a shard's memory map, once touched, would otherwise
+        # stay resident and count against the process until the end of the conversion.
         try:
-            return self._open(self.weight_map[name]).get_tensor(name)
+            with self._open(self.weight_map[name]) as shard:
+                return shard.get_tensor(name)
         except ConfigError:
             raise
         except Exception as exc:
@@ -68,7 +69,7 @@ class SafetensorsReader:
 class ShardedWriter:
     """Collects tensors into safetensors shards of at most `max_bytes`, then writes the index."""
 
-    def __init__(self, folder: Path, max_bytes: int = 2 * 2**30):
+    def __init__(self, folder: Path, max_bytes: int = 2**30):
         self.folder, self.max_bytes = folder, max_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0

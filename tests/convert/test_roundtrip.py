@@ -95,3 +95,23 @@ def test_sharded_source_and_sharded_export(tmp_path):
     tokens = torch.randint(0, 300, (1, 16))
     with torch.no_grad():
         assert torch.equal(reloaded(tokens).logits, original(tokens).logits)
+
+
+def test_tokenizer_and_generation_config_travel(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, GenerationConfig, PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(299)} | {"[UNK]": 299}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", bos_token="w1", eos_token="w2")
+    hf_dir = tmp_path / "hf"
+    save_hf_model(hf_dir, hf_config("llama"))
+    tokenizer.save_pretrained(str(hf_dir))
+    GenerationConfig(max_new_tokens=7, bos_token_id=1, eos_token_id=2).save_pretrained(str(hf_dir))
+    convert(hf_dir, tmp_path / "meg", show_progress=False)
+    assert (tmp_path / "meg" / "tokenizer" / "tokenizer.json").is_file()
+    export(tmp_path / "meg", tmp_path / "out", show_progress=False)
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
+    assert again("w5 w7 w42")["input_ids"] == tokenizer("w5 w7 w42")["input_ids"] == [5, 7, 42]
+    assert GenerationConfig.from_pretrained(str(tmp_path / "out")).max_new_tokens == 7

@@ -1,0 +1,95 @@
+"""Conversion cost against its floors: HF -> Megatron -> HF of a ~1B-parameter-shaped random
+checkpoint, timed against a plain copy of the same bytes, peak RSS against the checkpoint size.
+
+    python benchmarks/conversion.py            # 1.1B params, bf16 (2.2 GB), in ./.build/bench-conversion
+    python benchmarks/conversion.py --quick    # a tiny model (CI)
+
+Each step runs in its own process; its peak RSS is that process's own maximum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FULL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+            num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
+QUICK = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False, max_position_embeddings=256)
+
+
+def generate(folder: Path, shape: dict) -> int:
+    """Write a random bf16 Llama checkpoint tensor by tensor (never the whole model in memory)."""
+    import torch
+    from transformers import LlamaConfig
+
+    from drope_megatron.convert.safetensors_io import ShardedWriter
+
+    cfg = LlamaConfig(**shape, dtype="bfloat16")
+    folder.mkdir(parents=True)
+    writer = ShardedWriter(folder, max_bytes=512 * 2**20)
+    h = cfg.hidden_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,),
+              "lm_head.weight": (cfg.vocab_size, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                       p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+                       p + "mlp.gate_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
+                       p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
+    gen = torch.Generator().manual_seed(0)
+    for name, shape in shapes.items():
+        writer.add(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
+    writer.close()
+    cfg.save_pretrained(str(folder))
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def measured(cmd: list[str]) -> dict:
+    """Run one step in a child process; wall time and the child's own peak RSS."""
+    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True).stdout
+    seconds, kib = out.split()
+    return {"seconds": float(seconds), "peak_rss_gib": int(kib) / 2**20}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny model (CI)")
+    parser.add_argument("--workdir", type=Path, default=Path(".build/bench-conversion"))
+    args = parser.parse_args()
+    work = args.workdir
+    shutil.rmtree(work, ignore_errors=True)
+    size = generate(work / "hf", QUICK if args.quick else FULL)
+    params = size / 2  # bf16
+    drope = [sys.executable, "-m", "drope_megatron.cli", "convert"]
+    steps = {
+        "copy (I/O floor)": measured(["cp", "-r", str(work / "hf"), str(work / "copy")]),
+        "hf -> megatron": measured([*drope, "hf-to-megatron", str(work / "hf"), str(work / "meg"), "--quiet"]),
+        "megatron -> hf": measured([*drope, "megatron-to-hf", str(work / "meg"), str(work / "out"), "--quiet"]),
+    }
+    print(f"checkpoint: {params / 1e9:.2f}B params, bf16, {size / 2**30:.2f} GiB of safetensors")
+    print(f"{'step':>18} {'seconds':>9} {'peak RSS GiB':>13}")
+    for name, r in steps.items():
+        print(f"{name:>18} {r['seconds']:>9.2f} {r['peak_rss_gib']:>13.2f}")
+    floor = steps["copy (I/O floor)"]["seconds"]
+    for name in ("hf -> megatron", "megatron -> hf"):
+        r = steps[name]
+        print(f"ratio {name}: time {r['seconds'] / floor:.1f}x the copy, "
+              f"peak RSS {r['peak_rss_gib'] * 2**30 / size:.2f}x the checkpoint size")
+    (work / "results.json").write_text(json.dumps({"bytes": size, "steps": steps}, indent=2))
+    shutil.rmtree(work / "copy", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
