@@ -65,6 +65,24 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    recipe = load_recipe(*_split_recipe(args))
+    if args.command == "pretrain":
+        phase = "rope"
+    else:  # recalibration trains without RoPE everywhere, or only where model.rope_layers keeps it
+        phase = "layers" if recipe.model.phase == "layers" else "drope"
+    from drope_megatron.train.loop import TrainingDiverged, train
+
+    try:
+        last = train(recipe, phase, show_progress=not args.quiet)
+    except TrainingDiverged as exc:
+        print(f"drope: error: {exc}", file=sys.stderr)
+        return 3
+    if last.get("rank") == 0 and last.get("loss") is not None:
+        print(f"step {last['step']}: loss {last['loss']:.4f}")
+    return 0
+
+
 def cmd_convert(args) -> int:
     if args.action == "hf-to-megatron":
         from drope_megatron.convert.hf_to_megatron import convert
@@ -167,6 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics", help="write the losses as JSON to this path (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_smoke)
+    for name, text in (("pretrain", "train from scratch with RoPE (small models, the demo)"),
+                       ("recalibrate", "drop RoPE and recalibrate at the original context")):
+        p = sub.add_parser(name, help=text, epilog=EPILOG,
+                           description=f"{text[0].upper()}{text[1:]}: the megatron-core model in a DeepSpeed engine "
+                                       "(ZeRO stage and offload from the recipe), on packed data, with resumable "
+                                       "checkpoints in train.save_dir. Launch with torchrun/srun/mpirun for "
+                                       "several processes.")
+        _add_recipe_args(p)
+        p.add_argument("--quiet", action="store_true", help="no progress bar")
+        p.set_defaults(func=cmd_train)
     _add_convert_parsers(sub)
     return parser
 

@@ -103,7 +103,7 @@ class ParallelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation of one phase (pretrain with RoPE, or recalibrate without)."""
+    """Optimisation of one phase (pretrain with RoPE, or recalibrate without), in a DeepSpeed engine."""
 
     steps: int = 100
     lr: float = 3e-4
@@ -117,19 +117,30 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     global_batch_size: int = 8  # sequences per optimizer step (the paper: 512)
-    micro_batch_size: int = 8
+    micro_batch_size: int = 8  # sequences per forward on one data-parallel rank
     seed: int = 1234
     log_interval: int = 10
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 with CUDA, fp32 without
+    zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO optimizer state in host memory
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON taken as is; "auto" fields filled from here
+    init_from: Optional[str] = None  # a Megatron checkpoint (drope convert) to start from
+    save_dir: Optional[str] = None  # run directory: checkpoints, metrics.jsonl, the final export
+    save_interval: int = 0  # steps between checkpoints; 0: only at the end
+    keep_last: int = 2  # checkpoints kept (the final one always is)
+    tensorboard: bool = False
 
 
 @dataclass
 class DataConfig:
-    """Where training text comes from and how it is tokenised."""
+    """Where training text comes from and how it is tokenised and packed."""
 
-    paths: list[str] = field(default_factory=list)
-    format: Literal["text", "json", "parquet", "megatron"] = "text"
+    paths: list[str] = field(default_factory=list)  # files (text/json/parquet) or Megatron .bin/.idx prefixes
+    format: Literal["text", "json", "parquet", "megatron", "hub"] = "text"  # hub: paths[0] is a dataset name
     text_key: str = "text"
-    tokenizer: Optional[str] = None
+    tokenizer: Optional[str] = None  # a Hugging Face tokenizer folder or a sentencepiece .model file
+    shuffle: bool = True  # documents in a seeded random order, reshuffled every epoch
+    streaming: bool = False  # stream (hub or very large files) instead of loading an Arrow cache
 
 
 @dataclass
@@ -329,6 +340,9 @@ def validate(recipe: Recipe) -> None:
     _check(t.warmup_steps + t.decay_steps <= t.steps,
            f"train.warmup_steps + train.decay_steps exceed train.steps={t.steps}")
     _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+    _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
+    _check(not t.offload_optimizer or t.zero_stage > 0, "train.offload_optimizer needs train.zero_stage >= 1")
+    _check(t.save_interval >= 0 and t.keep_last >= 1, "train.save_interval must be >= 0 and train.keep_last >= 1")
     for length in recipe.eval.lengths:
         parse_length(length, m.seq_length, key="eval.lengths")
 

@@ -106,6 +106,9 @@ def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
         raise ConfigError(
             f"world size {env.world_size} is not a multiple of TP*PP={model_parallel}: "
             f"launch a multiple of {model_parallel} processes or lower parallel.tensor_model_parallel_size")
+    # Libraries that read the launcher's variables (DeepSpeed) see them whatever launched us.
+    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
+                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
     timeout = datetime.timedelta(minutes=p.timeout_minutes)

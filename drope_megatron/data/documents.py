@@ -1,0 +1,58 @@
+"""Document sources: Hugging Face `datasets` (local text/json/parquet, a hub name) and Megatron
+indexed datasets (.bin/.idx, already tokenised), as token-id documents in a seeded order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from drope_megatron.config import ConfigError, DataConfig
+from drope_megatron.data.tokenizer import Tokenizer
+
+
+def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int) -> Iterator[list[int] | np.ndarray]:
+    """Token ids of every document of one epoch; text documents end with the tokenizer's EOS."""
+    if d.format == "megatron":
+        yield from _indexed(d, epoch, seed)
+        return
+    dataset = _hf_dataset(d)
+    if d.shuffle:
+        dataset = dataset.shuffle(seed=seed + epoch)
+    for row in dataset:
+        text = row[d.text_key]
+        if text:
+            yield [*tokenizer.encode(text), tokenizer.eos_id]
+
+
+def _hf_dataset(d: DataConfig):
+    import datasets
+
+    if d.format == "hub":
+        return datasets.load_dataset(d.paths[0], split="train", streaming=d.streaming)
+    missing = [p for p in d.paths if not Path(p).exists()]
+    if missing:
+        raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
+    builder = {"text": "text", "json": "json", "parquet": "parquet"}[d.format]
+    kwargs = {"sample_by": "document"} if d.format == "text" else {}  # one file = one document
+    dataset = datasets.load_dataset(builder, data_files=list(d.paths), split="train", streaming=d.streaming,
+                                    **kwargs)
+    if d.text_key not in (dataset.column_names or [d.text_key]):
+        raise ConfigError(f"data has no column {d.text_key!r} (columns: {dataset.column_names}): set data.text_key")
+    return dataset
+
+
+def _indexed(d: DataConfig, epoch: int, seed: int) -> Iterator[np.ndarray]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    sets = []
+    for prefix in d.paths:
+        if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
+            raise ConfigError(f"Megatron dataset {prefix}.bin/.idx not found: data.paths takes path prefixes")
+        sets.append(IndexedDataset(prefix))
+    index = [(i, j) for i, ds in enumerate(sets) for j in range(len(ds))]
+    order = np.random.default_rng(seed + epoch).permutation(len(index)) if d.shuffle else range(len(index))
+    for k in order:
+        i, j = index[k]
+        yield sets[i][j]

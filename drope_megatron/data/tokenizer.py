@@ -1,0 +1,51 @@
+"""The model's tokenizer: a Hugging Face tokenizer folder or a sentencepiece .model file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from drope_megatron.config import ConfigError
+
+
+@dataclass
+class Tokenizer:
+    """What packing needs: text -> ids, the end-of-document id, how many ids there are."""
+
+    encode: Callable[[str], list[int]]
+    eos_id: int
+    vocab_size: int
+    source: str
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    path = Path(path)
+    if path.is_file() and path.suffix == ".model":
+        return _sentencepiece(path)
+    if path.is_dir():
+        return _hugging_face(path)
+    raise ConfigError(f"tokenizer {path} is neither a Hugging Face tokenizer folder nor a sentencepiece .model "
+                      "file: set data.tokenizer")
+
+
+def _sentencepiece(path: Path) -> Tokenizer:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
+    if sp.eos_id() < 0:
+        raise ConfigError(f"sentencepiece model {path} has no EOS piece: train it with eos_id set")
+    return Tokenizer(lambda text: sp.encode(text), sp.eos_id(), sp.get_piece_size(), str(path))
+
+
+def _hugging_face(path: Path) -> Tokenizer:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load a tokenizer from {path} ({str(exc).splitlines()[0]})") from None
+    if tok.eos_token_id is None:
+        raise ConfigError(f"tokenizer {path} has no eos_token: documents could not be separated")
+    return Tokenizer(lambda text: tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id, len(tok),
+                     str(path))

@@ -1,0 +1,85 @@
+"""Resumable training checkpoints: DeepSpeed's engine state plus ours (step, data position, RNG).
+
+    RUN/checkpoints/step00000100/   DeepSpeed files (model, optimizer, scheduler) + drope_state.json
+    RUN/checkpoints/latest          the tag of the newest complete checkpoint
+
+`latest` moves (atomically) only after every rank has finished writing, so a crash mid-write
+leaves the previous checkpoint in charge; older tags beyond `keep_last` are removed after that.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from drope_megatron import atomic
+from drope_megatron.config import ConfigError
+
+STATE = "drope_state.json"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    marker = ckpt_dir / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save(engine, ckpt_dir: Path, step: int, position: int, layout: dict[str, int], keep_last: int) -> str:
+    """Collective: write checkpoint `step`, then publish it as latest and prune old ones."""
+    tag = f"step{step:08d}"
+    client = {"step": step, "data_position": position, "rng": rng_state()}
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        atomic.write_json(ckpt_dir / tag / STATE, {"step": step, "data_position": position, **layout})
+        atomic.write_text(ckpt_dir / "latest", tag + "\n")
+        _prune(ckpt_dir, keep_last)
+    dist.barrier()
+    return tag
+
+
+def _prune(ckpt_dir: Path, keep_last: int) -> None:
+    # Only complete checkpoints count; a partial one (a crash mid-write) is overwritten on resume.
+    complete = sorted(p for p in ckpt_dir.glob("step*") if (p / STATE).is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | None:
+    """Restore the newest complete checkpoint into the engine; None when there is none."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    state = json.loads((ckpt_dir / tag / STATE).read_text())
+    changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+    if changed:
+        was = ", ".join(f"{k}={a} now {b}" for k, (a, b) in changed.items())
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} was written with another layout ({was}): resume with the "
+                          "same TP, data-parallel size and ZeRO stage, or start a new run directory")
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir / 'latest'} to start over")
+    set_rng_state(client["rng"])
+    return client

@@ -1,0 +1,100 @@
+"""The DeepSpeed engine around the megatron-core model: its config, the parallel-state adapter,
+the optimizer and the schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from drope_megatron.config import ConfigError, TrainConfig
+
+
+class MegatronMPU:
+    """megatron-core's parallel_state under the names DeepSpeed asks for (older Megatron's `mpu`,
+    where "model parallel" meant tensor parallel); every other name passes straight through."""
+
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+
+    def __getattr__(self, name: str):
+        return getattr(parallel_state, name)
+
+
+def use_bf16(t: TrainConfig) -> bool:
+    return t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
+
+
+def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
+    """DeepSpeed's JSON: the user's file as is (if any), with "auto" and missing fields from the recipe."""
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x "
+                          f"data-parallel size = {t.micro_batch_size} x {dp}: change one of them")
+    ours: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.global_batch_size // per_step,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": use_bf16(t)},
+        "zero_optimization": {"stage": t.zero_stage},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # our torch AdamW stays the optimizer, offloaded or not
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if t.offload_optimizer:
+        ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    if t.deepspeed_config is None:
+        return ours
+    path = Path(t.deepspeed_config)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed_config {path} does not exist")
+    try:
+        theirs = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"train.deepspeed_config {path} is not valid JSON (line {exc.lineno})") from None
+    merged = _fill_auto(theirs, ours)
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if merged[key] != ours[key]:
+            raise ConfigError(f"{path}: {key}={merged[key]} disagrees with the recipe ({ours[key]}): set it to "
+                              "\"auto\" or change train.global_batch_size / train.micro_batch_size")
+    return merged
+
+
+def _fill_auto(theirs: Any, ours: Any) -> Any:
+    if theirs == "auto":
+        return ours
+    if isinstance(theirs, dict) and isinstance(ours, dict):
+        merged = {k: _fill_auto(theirs[k], ours.get(k)) if k in ours else theirs[k] for k in theirs}
+        return {**{k: v for k, v in ours.items() if k not in theirs}, **merged}
+    return theirs
+
+
+def scheduler(t: TrainConfig, optimizer):
+    """constant / cosine / warmup-stable-decay with linear warmup, from transformers' schedules."""
+    from transformers import optimization as sched
+
+    if t.schedule == "constant":
+        return sched.get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+    if t.schedule == "cosine":
+        return sched.get_cosine_with_min_lr_schedule_with_warmup(optimizer, t.warmup_steps, t.steps,
+                                                                 min_lr_rate=t.min_lr_ratio)
+    return sched.get_wsd_schedule(optimizer, t.warmup_steps, t.decay_steps, num_training_steps=t.steps,
+                                  min_lr_ratio=t.min_lr_ratio, decay_type="cosine")
+
+
+def initialize(model, t: TrainConfig, dp: int):
+    """deepspeed.initialize with torch AdamW, our schedule and megatron's parallel groups."""
+    import deepspeed
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                                  weight_decay=t.weight_decay)
+    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lambda opt: scheduler(t, opt),
+        config=deepspeed_config(t, dp), mpu=MegatronMPU(), dist_init_required=False)
+    return engine, lr_scheduler

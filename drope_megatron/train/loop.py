@@ -1,0 +1,148 @@
+"""The training loop shared by `drope pretrain` (phase rope) and `drope recalibrate` (phase drope):
+the megatron-core model inside a DeepSpeed engine, on packed data, with resumable checkpoints."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import psutil
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from deepspeed.runtime.utils import clip_grad_norm_
+from tqdm import tqdm
+
+from drope_megatron import checkpoint, distributed
+from drope_megatron.config import ConfigError, ModelConfig, Recipe
+from drope_megatron.data.documents import documents
+from drope_megatron.data.packing import BatchStream, packed_blocks
+from drope_megatron.data.tokenizer import load_tokenizer
+from drope_megatron.model import build_model
+from drope_megatron.train import checkpointing, engine as ds_engine
+from drope_megatron.train.metrics import MetricsLog
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def _model(recipe: Recipe, phase: str):
+    """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised."""
+    if recipe.train.init_from:
+        model, m = checkpoint.load_model(recipe.train.init_from, recipe.parallel)
+    else:
+        m = recipe.model
+        model = build_model(m, recipe.parallel)
+    model.set_phase(phase, recipe.model.rope_layers or m.rope_layers)
+    return model, m
+
+
+def _tokenizer(recipe: Recipe, m: ModelConfig):
+    path = recipe.data.tokenizer
+    if path is None and recipe.train.init_from and (Path(recipe.train.init_from) / "tokenizer").is_dir():
+        path = str(Path(recipe.train.init_from) / "tokenizer")
+    if path is None:
+        if recipe.data.format == "megatron":
+            return None
+        raise ConfigError("data.tokenizer is not set: point it at a tokenizer folder or sentencepiece .model")
+    tok = load_tokenizer(path)
+    if tok.vocab_size > m.vocab_size:
+        raise ConfigError(f"tokenizer {path} has {tok.vocab_size} tokens but the model's vocabulary is "
+                          f"{m.vocab_size}: use the model's own tokenizer")
+    return tok
+
+
+def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
+    """Run (or resume) the recipe's training; returns the last logged metrics."""
+    t, p = recipe.train, recipe.parallel
+    if p.pipeline_model_parallel_size != 1:
+        raise ConfigError("training runs TP x data parallel; set parallel.pipeline_model_parallel_size=1")
+    if not recipe.data.paths:
+        raise ConfigError("data.paths is empty: list the training files (or a Megatron dataset prefix)")
+    with distributed.session(p, t.seed) as env:
+        dp = parallel_state.get_data_parallel_world_size()
+        model, m = _model(recipe, phase)
+        tok = _tokenizer(recipe, m)
+        engine, _ = ds_engine.initialize(model, t, dp)
+        run_dir = Path(t.save_dir) if t.save_dir else None
+        layout = {"tp": p.tensor_model_parallel_size, "dp": dp, "zero_stage": engine.zero_optimization_stage()}
+        client = checkpointing.load(engine, run_dir / "checkpoints", layout) if run_dir else None
+        step, position = (client["step"], client["data_position"]) if client else (0, 0)
+        blocks = packed_blocks(lambda epoch: documents(recipe.data, tok, epoch, t.seed), m.seq_length + 1)
+        stream = BatchStream(blocks, t.micro_batch_size, parallel_state.get_data_parallel_rank(), dp, position)
+        log = MetricsLog(run_dir, t.tensorboard, enabled=env.rank == 0)
+        try:
+            last = _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress and env.rank == 0)
+            if run_dir is not None:
+                checkpoint.save(engine.module, m, run_dir / "final", extra=_source(recipe))
+        finally:
+            log.close()
+    return {**last, "rank": env.rank}
+
+
+def _source(recipe: Recipe) -> dict:
+    init = recipe.train.init_from
+    return {"source": checkpoint.read_meta(init)["source"]} if init and "source" in checkpoint.read_meta(init) else {}
+
+
+def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress) -> dict:
+    t = recipe.train
+    gas = engine.gradient_accumulation_steps()
+    positions = torch.arange(m.seq_length).expand(t.micro_batch_size, m.seq_length)
+    tokens_per_step = t.global_batch_size * m.seq_length
+    bar = tqdm(total=t.steps, initial=step, disable=not show_progress, unit="step", desc=f"train ({m.phase})")
+    ckpt_dir = run_dir / "checkpoints" if run_dir else None
+    last: dict = {}
+    while step < t.steps:
+        start = time.perf_counter()
+        total = torch.zeros(())
+        grad_norm = None
+        for _ in range(gas):
+            batch = stream.next_micro_batch()
+            loss = engine(batch[:, :-1], positions, None, labels=batch[:, 1:]).float().mean()
+            engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+                # ZeRO-0 clips without reporting the norm; measure it the way DeepSpeed clips (TP-aware).
+                grad_norm = clip_grad_norm_(list(engine.module.parameters()), max_norm=float("inf"),
+                                            mpu=ds_engine.MegatronMPU())
+            engine.step()
+            total += loss.detach()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        loss_value = total.item() / (gas * parallel_state.get_data_parallel_world_size())
+        step += 1
+        if not math.isfinite(loss_value):
+            good = checkpointing.latest_tag(ckpt_dir) if ckpt_dir else None
+            raise TrainingDiverged(f"loss is {loss_value} at step {step}; last good checkpoint: "
+                                   f"{ckpt_dir / good if good else 'none'} (lower train.lr or check the data)")
+        elapsed = time.perf_counter() - start
+        last = {"loss": loss_value, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine, grad_norm),
+                "tokens_per_s": tokens_per_step / elapsed, "rss_gib": psutil.Process().memory_info().rss / 2**30,
+                "data_position": stream.position}
+        if step == 1:
+            last.update(_partition_sizes(engine))
+        if step % t.log_interval == 0 or step == t.steps or step == 1:
+            log.log(step, last)
+        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        bar.update()
+        if ckpt_dir and (step == t.steps or (t.save_interval and step % t.save_interval == 0)):
+            checkpointing.save(engine, ckpt_dir, step, stream.position, layout, t.keep_last)
+    bar.close()
+    return {"step": step, **last}
+
+
+def _partition_sizes(engine) -> dict[str, int]:
+    """Elements this rank holds of the parameters and of the optimizer state (ZeRO splits both)."""
+    params = list(engine.module.parameters())
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in params)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    state = sum(t.numel() for s in inner.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    return {"params_local": local, "params_total": total, "optimizer_state_local": state}
+
+
+def _grad_norm(engine, measured) -> float | None:
+    norm = engine.get_global_grad_norm()
+    norm = measured if norm is None else norm
+    return float(norm) if norm is not None else None

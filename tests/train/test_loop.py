@@ -1,0 +1,78 @@
+"""`drope pretrain` / `drope recalibrate`: real DeepSpeed engines, gloo, one and two processes."""
+
+import json
+import os
+
+import pytest
+
+from drope_megatron import checkpoint
+from tests.helpers import ROOT, drope, torchrun
+from tests.train import corpus as corpus_lib
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".build" / "torch_extensions"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return corpus_lib.build(tmp_path_factory.mktemp("corpus"))
+
+
+def losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: r for r in rows}  # a resumed run logs again: the last record of a step wins
+    return [by_step[s]["loss"] for s in sorted(by_step)], rows
+
+
+def run(corpus, run_dir, *extra, nproc=1, command="pretrain"):
+    args = [command, *corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), f"train.save_dir={run_dir}", *extra,
+            "--quiet"]
+    proc = torchrun(nproc, ["-m", "drope_megatron.cli", *args]) if nproc > 1 else drope(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def baseline(corpus, tmp_path_factory):
+    """One process, ZeRO off: the reference loss sequence."""
+    run_dir = tmp_path_factory.mktemp("baseline") / "run"
+    run(corpus, run_dir, "train.steps=4")
+    return losses(run_dir)
+
+
+def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
+    baseline = baseline[0]
+    pre = tmp_path / "pre"
+    run(corpus, pre, "train.steps=6", "train.schedule=cosine", "train.warmup_steps=2")
+    seq, rows = losses(pre)
+    assert len(seq) == 6 and seq[-1] < seq[0]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "rss_gib", "data_position"} <= set(rows[-1])
+    assert rows[0]["lr"] < rows[1]["lr"] and rows[-1]["lr"] < rows[1]["lr"]  # warmup, then cosine decay
+    assert rows[0]["grad_norm"] > 0
+    assert checkpoint.model_config(pre / "final").phase == "rope"
+    rec = tmp_path / "rec"
+    proc = run(corpus, rec, "train.steps=4", f"train.init_from={pre / 'final'}", command="recalibrate")
+    assert "step 4: loss" in proc.stdout
+    m = checkpoint.model_config(rec / "final")
+    assert m.phase == "drope" and m.seq_length == 32
+    first = losses(rec)[0][0]
+    assert first < baseline[0]  # starts from the pretrained weights, not from scratch
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_on_two_processes_matches_one(corpus, tmp_path, baseline, stage):
+    baseline = baseline[0]
+    run(corpus, tmp_path / "run", "train.steps=4", f"train.zero_stage={stage}", nproc=2)
+    seq, rows = losses(tmp_path / "run")
+    assert seq == pytest.approx(baseline, rel=1e-5, abs=1e-5)
+    first = rows[0]
+    if stage == 3:  # each rank holds half of the parameters and of the optimizer state
+        assert first["params_local"] == pytest.approx(first["params_total"] / 2, rel=0.02)
+    assert first["optimizer_state_local"] == pytest.approx(2 * first["params_total"] / 2, rel=0.02)
+
+
+def test_tp2_with_zero1_matches_tp1(corpus, tmp_path, baseline):
+    run(corpus, tmp_path / "run", "train.steps=4", "train.zero_stage=1", "parallel.tensor_model_parallel_size=2",
+        "train.micro_batch_size=8", nproc=2)
+    seq, rows = losses(tmp_path / "run")
+    assert seq == pytest.approx(baseline[0], rel=1e-5, abs=1e-5)
+    assert rows[0]["params_local"] < baseline[1][0]["params_local"]  # each rank holds TP shards
