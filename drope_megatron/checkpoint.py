@@ -19,6 +19,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from drope_megatron import atomic
 from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
                                    validate)
 
@@ -35,7 +36,10 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise ConfigError(f"{path} is not a drope Megatron checkpoint (no {META}): convert one with "
                           "`drope convert hf-to-megatron`")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError:
+        raise ConfigError(f"{meta_path} is not valid JSON: the checkpoint is damaged") from None
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{meta_path} has format {meta.get('format')!r}; this version reads {FORMAT}")
     return meta
@@ -43,10 +47,6 @@ def read_meta(path: str | Path) -> dict[str, Any]:
 
 def model_config(path: str | Path) -> ModelConfig:
     return model_config_from_dict(read_meta(path)["model"])
-
-
-def staging_dir(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.partial")
 
 
 def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = None,
@@ -57,13 +57,17 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
     from megatron.core import dist_checkpointing  # here, so metadata readers import nothing heavy
 
     dst = Path(dst)
-    tmp = staging_dir(dst)
+    tmp = atomic.staging_dir(dst)
     rank0 = not dist.is_initialized() or dist.get_rank() == 0
     if rank0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "weights").mkdir(parents=True)
     _barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"))
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank0:
         meta = {"format": FORMAT, "model": dataclasses.asdict(m), **(extra or {})}
         # The live model is the truth for what it computes: its padding and its current phase.
@@ -72,9 +76,7 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer_dir is not None and any(tokenizer_dir.iterdir()):
             shutil.copytree(tokenizer_dir, tmp / "tokenizer")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
+        atomic.publish_dir(tmp, dst)
     _barrier()
     return dst
 
@@ -91,7 +93,13 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, **
         m.params_dtype = dtype
     validate(Recipe(model=m, parallel=p))
     model = build_model(m, p, initialize=False, **build_kwargs)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(Path(path) / "weights"))
+    weights = Path(path) / "weights"
+    if not (weights / "metadata.json").is_file():
+        raise ConfigError(f"{weights} is missing or incomplete: the checkpoint is damaged")
+    try:
+        state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
+    except dist_checkpointing.core.CheckpointingException as exc:
+        raise ConfigError(f"{weights} does not match its metadata ({str(exc).splitlines()[0][:200]})") from None
     model.load_state_dict(state, strict=True)
     return model, m
 

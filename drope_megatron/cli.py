@@ -13,6 +13,7 @@ from pathlib import Path
 
 import yaml
 
+from drope_megatron import dtypes
 from drope_megatron.config import PHASES, ConfigError, load_recipe, recipe_to_dict
 
 EPILOG = "Overrides are dotted keys: train.lr=1e-4 model.phase=drope model.rope_layers=[0,3]"
@@ -111,13 +112,10 @@ def cmd_convert(args) -> int:
     return 0
 
 
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
 def _add_io_args(p: argparse.ArgumentParser, default_dtype: str) -> None:
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help=f"output dtype (auto: {default_dtype})")
+    p.add_argument("--dtype", choices=["auto", *dtypes.NAMES], default="auto", help=f"output dtype (auto: {default_dtype})")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -153,7 +151,7 @@ def _add_convert_parsers(sub) -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype of both models")
+    p.add_argument("--dtype", choices=dtypes.NAMES, default="float32", help="compute dtype of both models")
     p.add_argument("--atol", type=float, default=1e-4)
     p.add_argument("--report", type=Path, help="also write the numbers as JSON")
     conv.set_defaults(func=cmd_convert)

@@ -67,8 +67,8 @@ class ModelConfig:
     qk_head_norm: bool = False  # per-head q/k RMSNorm over head_dim (Qwen3; megatron's qk_layernorm)
     softmax_scale: Optional[float] = None  # None: head_dim ** -0.5
     attention_backend: Literal["sdpa", "megatron"] = "sdpa"
-    # Inference-time temperature: "log_length" scales logits at query position i by
-    # max(1, log(i + 1) / log(seq_length)).
+    # Length-aware temperature, meant for evaluation past the training context: "log_length"
+    # scales logits at query position i by max(1, log(i + 1) / log(seq_length)); 1 inside it.
     attention_temperature: Literal["none", "log_length"] = "none"
 
     @property
@@ -288,6 +288,8 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `- 8192` as a number
+            return str(value)
     raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
 
 
@@ -303,7 +305,7 @@ def validate(recipe: Recipe) -> None:
         "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
         "parallel.timeout_minutes": p.timeout_minutes, "train.steps": t.steps, "train.lr": t.lr,
         "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
-        "model.rotary_base": m.rotary_base,
+        "model.rotary_base": m.rotary_base, "model.norm_epsilon": m.norm_epsilon,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -332,6 +334,8 @@ def validate(recipe: Recipe) -> None:
     _check(m.softmax_scale is None or m.softmax_scale > 0, "model.softmax_scale must be positive")
     _check(m.attention_temperature == "none" or m.attention_backend == "sdpa",
            "model.attention_temperature needs model.attention_backend=sdpa")
+    _check(m.attention_temperature == "none" or m.seq_length >= 2,
+           "model.attention_temperature=log_length needs model.seq_length >= 2 (it divides by log(seq_length))")
     _check(t.global_batch_size % t.micro_batch_size == 0,
            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
            f"train.micro_batch_size={t.micro_batch_size}")
@@ -368,7 +372,7 @@ def parse_length(text: str, train_length: int, key: str = "length") -> int:
     """'4x' -> 4 * train_length; '8192' -> 8192."""
     try:
         tokens = round(float(text[:-1]) * train_length) if text.endswith("x") else int(text)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ConfigError(f"{key} entry {text!r} is neither a multiple like 4x nor a token count") from None
     if tokens <= 0:
         raise ConfigError(f"{key} entry {text!r} must be positive")

@@ -45,9 +45,13 @@ def discover() -> DistEnv:
         return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                        env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)),
                        "torchrun")
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    # mpirun inside a Slurm allocation inherits SLURM_* from its daemons: MPI's own variables win.
+    if "OMPI_COMM_WORLD_SIZE" in env:
+        return _from_mpi(env)
+    # SLURM_STEP_NUM_TASKS is set by srun only; a batch script alone (one process) is not a job of N.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         return _from_slurm(env)
-    if any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
+    if any(k in env for k in ("PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
         return _from_mpi(env)
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
@@ -57,23 +61,23 @@ def _from_slurm(env) -> DistEnv:
     # derived from the job id so every task computes the same one without talking.
     first = first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
     port = int(env.get("MASTER_PORT", 0)) or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
-    return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+    return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
                    env.get("MASTER_ADDR", first), port, "slurm")
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise ValueError(f"cannot read Slurm nodelist {nodelist!r}: set MASTER_ADDR")
-    stem, ranges = match.groups()
-    if not ranges:
-        return stem
-    return stem + ranges.split(",")[0].split("-")[0]
+    """First host of a Slurm nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003', 'r[1-2]-n[01-04]' -> 'r1-n01'."""
+    first = re.match(r"(?:[^,\[]|\[[^\]]*\])+", nodelist.strip())
+    if not first:
+        raise ConfigError(f"cannot read Slurm nodelist {nodelist!r}: set MASTER_ADDR")
+    return re.sub(r"\[([^\]]+)\]", lambda m: re.split("[,-]", m.group(1))[0], first.group(0))
 
 
 def _from_mpi(env) -> DistEnv:
-    from mpi4py import MPI
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise ConfigError("launched by MPI but mpi4py is missing: pip install mpi4py (make setup does)") from None
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -109,12 +113,14 @@ def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
     # Libraries that read the launcher's variables (DeepSpeed) see them whatever launched us.
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
+    if torch.cuda.is_available():  # modulo: with --gpus-per-task=1 each task sees one device
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     timeout = datetime.timedelta(minutes=p.timeout_minutes)
     # Sub-groups made later by dist.new_group (ZeRO's, megatron's) take this default rather
     # than the timeout given to init_process_group; set it so none of them can wait forever.
     dist.distributed_c10d.default_pg_timeout = timeout
+    if hasattr(dist.distributed_c10d, "default_pg_nccl_timeout"):
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend_for(p), init_method=f"tcp://{env.master_addr}:{env.master_port}",

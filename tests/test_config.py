@@ -35,6 +35,10 @@ def test_derived_sizes():
     assert m.head_dim == 32 and m.groups == 8 and m.ffn_size % 64 == 0 and m.ffn_size >= 8 * 256 // 3
 
 
+def test_token_counts_may_be_numbers():
+    assert load_recipe(None, ["eval.lengths=[1x, 8192]"]).eval.lengths == ["1x", "8192"]
+
+
 def test_parse_length():
     assert parse_length("4x", 256) == 1024
     assert parse_length("0.5x", 256) == 128
@@ -63,6 +67,9 @@ BAD = [
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 is not a multiple"),
     (["train.lr=-1"], "train.lr=-1.0 must be positive"),
     (["eval.lengths=[4y]"], "eval.lengths entry '4y'"),
+    (["eval.lengths=[infx]"], "eval.lengths entry 'infx'"),
+    (["model.norm_epsilon=0"], "model.norm_epsilon=0.0 must be positive"),
+    (["train.zero_stage=4"], "train.zero_stage=4 must be 0, 1, 2 or 3"),
     (["recipes/demo-cpu.yaml", "model.phase"], "override 'model.phase' is not key=value"),
     (["model.num_layers.deep=1"], "model.num_layers must be int"),
 ]

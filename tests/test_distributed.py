@@ -25,8 +25,8 @@ def test_discover_torchrun(monkeypatch):
 def test_discover_slurm(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(key, raising=False)
-    env = dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_LOCALID="1", SLURM_JOB_ID="424242",
-               SLURM_JOB_NODELIST="gpu[007-010,12]")
+    env = dict(SLURM_PROCID="5", SLURM_NTASKS="16", SLURM_STEP_NUM_TASKS="16", SLURM_LOCALID="1",
+               SLURM_JOB_ID="424242", SLURM_JOB_NODELIST="gpu[007-010,12]")
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     found = distributed.discover()
@@ -34,7 +34,16 @@ def test_discover_slurm(monkeypatch):
     assert found.master_addr == "gpu007" and found.master_port == 20000 + 424242 % 20000
 
 
-@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-4],b1", "a3"), ("x-y[09,11]", "x-y09")])
+def test_batch_script_without_srun_is_one_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")  # the allocation's size, not this process's job
+    assert distributed.discover().launcher == "single"
+
+
+@pytest.mark.parametrize("nodelist,first", [("node1", "node1"), ("a[3-4],b1", "a3"), ("x-y[09,11]", "x-y09"),
+                                            ("node[1-2]-ib", "node1-ib"), ("rack[1-2]-n[01-04],z", "rack1-n01")])
 def test_first_slurm_host(nodelist, first):
     assert distributed.first_slurm_host(nodelist) == first
 
@@ -58,7 +67,8 @@ def test_torchrun_job_with_tp2(tmp_path):
 def test_mpirun_job(tmp_path):
     cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, PROBE, "report", "1", "1",
            str(tmp_path)]
-    proc = run(cmd, timeout=120)
+    # Inside a Slurm allocation mpirun's ranks inherit SLURM_* variables: MPI's own must win.
+    proc = run(cmd, timeout=120, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_STEP_NUM_TASKS="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = reports(tmp_path)
     assert [r["rank"] for r in found] == [0, 1] and all(r["launcher"] == "mpi" for r in found)

@@ -12,11 +12,9 @@ from typing import Any
 
 import torch
 
+from drope_megatron import dtypes
 from drope_megatron.config import ConfigError, ModelConfig, RopeScalingConfig, rope_flags
 from drope_megatron.convert.families import NOPE_EXPORT, Family, family_named
-
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
 
 def rope_parameters(cfg) -> dict[str, Any]:
     """{"rope_type", "rope_theta", factor, ...} from either transformers generation of config."""
@@ -140,10 +138,12 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.groups, head_dim=m.head_dim, rms_norm_eps=m.norm_epsilon, hidden_act="silu",
         tie_word_embeddings=m.tie_embeddings, max_position_embeddings=m.seq_length, **_hf_rope_kwargs(m))
-    if source:  # keep what the source model says about tokens and positions
-        hf = source["hf_config"]
-        kwargs.update({k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
-                       if k in hf})
+    # Token ids: the source model's; none at all rather than another family's defaults (SmolLM3's
+    # 128k ids would not even fit a small vocabulary).
+    hf = source["hf_config"] if source else {}
+    kwargs.update({k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    if "max_position_embeddings" in hf:
+        kwargs["max_position_embeddings"] = hf["max_position_embeddings"]
     if family.per_layer_nope:
         kwargs.update(no_rope_layers=[int(f) for f in flags], use_sliding_window=False, sliding_window=None,
                       attention_bias=m.qkv_bias)
@@ -152,7 +152,7 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
     model_type = family.model_types[0]
     cfg = CONFIG_MAPPING[model_type](**kwargs)
     cfg.architectures = [family.architecture]
-    cfg.dtype = DTYPE_NAMES[dtype]
+    cfg.dtype = dtypes.name_of(dtype)
     return cfg, family
 
 

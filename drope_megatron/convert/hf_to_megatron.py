@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drope_megatron.config import ConfigError, ModelConfig, ParallelConfig, Recipe, validate
+from drope_megatron import atomic, dtypes
+from drope_megatron.config import ConfigError, ParallelConfig, Recipe, validate
 from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.families import family_for
 from drope_megatron.convert.safetensors_io import SafetensorsReader
@@ -21,14 +22,6 @@ from drope_megatron.convert.safetensors_io import SafetensorsReader
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                    "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def shapes_of(m: ModelConfig, padded_vocab: int) -> tensors.Shapes:
-    return tensors.Shapes(heads=m.num_attention_heads, groups=m.groups, head_dim=m.head_dim,
-                          vocab=m.vocab_size, padded_vocab=padded_vocab)
-
-
 def read_source(src: Path, allow_sliding_window: bool):
     from transformers import AutoConfig
 
@@ -45,15 +38,14 @@ def read_source(src: Path, allow_sliding_window: bool):
 def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto", overwrite: bool = False,
             allow_sliding_window: bool = False, show_progress: bool = True) -> Path:
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConfigError(f"{dst} already exists: pass --overwrite to replace it")
+    atomic.refuse_existing(dst, overwrite)
     cfg, family, m = read_source(src, allow_sliding_window)
     reader = SafetensorsReader(src)
-    torch_dtype = reader.dtype() if dtype == "auto" else DTYPES[dtype]
+    torch_dtype = reader.dtype() if dtype == "auto" else dtypes.to_torch(dtype)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    m.params_dtype = hf_config.DTYPE_NAMES[torch_dtype]
-    m.padded_vocab_size = m.padded_vocab(tp)
+    m.params_dtype = dtypes.name_of(torch_dtype)
     validate(Recipe(model=m, parallel=parallel))  # TP/PP divisibility, before any work
+    m.padded_vocab_size = m.padded_vocab(tp)
     # megatron-core loads only now: bad input is refused in a blink.
     from drope_megatron import checkpoint, distributed
     from drope_megatron.model import build_model
@@ -61,13 +53,13 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
     try:
         with distributed.session(single=True):
             model = build_model(m, ParallelConfig(), initialize=False)
-            _fill(model, reader, shapes_of(m, m.padded_vocab_size), torch_dtype, show_progress)
+            _fill(model, reader, tensors.Shapes.of(m, m.padded_vocab_size), torch_dtype, show_progress)
             with _staged_tokenizer(src, dst) as tokenizer_dir:
                 checkpoint.save(model, m, dst, extra={"source": hf_config.source_record(cfg, family),
                                                       "written_for": {"tp": tp, "pp": pp}},
                                 tokenizer_dir=tokenizer_dir)
     except BaseException:
-        shutil.rmtree(checkpoint.staging_dir(dst), ignore_errors=True)  # no partial output
+        shutil.rmtree(atomic.staging_dir(dst), ignore_errors=True)  # no partial output
         raise
     return dst
 

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from drope_megatron.config import ConfigError, ParallelConfig, rope_flags
+from drope_megatron import atomic, dtypes
+from drope_megatron.config import ParallelConfig, rope_flags
 from drope_megatron.convert import hf_config, tensors
-from drope_megatron.convert.hf_to_megatron import DTYPES, shapes_of
 from drope_megatron.convert.safetensors_io import ShardedWriter
 from drope_megatron import checkpoint
 
@@ -24,17 +24,16 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
            max_shard_bytes: int = 2**30, show_progress: bool = True) -> str:
     """Write the Hugging Face folder; returns a one-line description of what was written."""
     src, dst = Path(src), Path(dst)
-    if dst.exists() and not overwrite:
-        raise ConfigError(f"{dst} already exists: pass --overwrite to replace it")
+    atomic.refuse_existing(dst, overwrite)
     meta = checkpoint.read_meta(src)
     m = checkpoint.model_config(src)
     if arch == "auto":
         arch = "source" if m.phase == "rope" else "nope"
-    out_dtype = DTYPES[m.params_dtype if dtype == "auto" else dtype]
+    out_dtype = dtypes.to_torch(m.params_dtype if dtype == "auto" else dtype)
     cfg, family = hf_config.hf_config_for_export(m, arch, meta.get("source"), out_dtype)
     from drope_megatron import distributed  # megatron-core loads only once the input is known good
 
-    staging = dst.with_name(f".{dst.name}.partial")
+    staging = atomic.staging_dir(dst)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -46,19 +45,17 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
         if (src / "tokenizer").is_dir():
             for item in (src / "tokenizer").iterdir():
                 shutil.copy2(item, staging / item.name)
-        if dst.exists():
-            shutil.rmtree(dst)
-        staging.rename(dst)
+        atomic.publish_dir(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     flags = rope_flags(m.phase, m.num_layers, m.rope_layers)
     detail = f" with no_rope_layers={[int(f) for f in flags]}" if family.per_layer_nope else ""
-    return f"wrote {family.architecture}{detail} ({str(out_dtype).removeprefix('torch.')}) to {dst}"
+    return f"wrote {family.architecture}{detail} ({dtypes.name_of(out_dtype)}) to {dst}"
 
 
 def _write_tensors(model, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
-    shapes = shapes_of(m, model.vocab_size)
+    shapes = tensors.Shapes.of(m, model.vocab_size)
     params = list(model.named_parameters())
     for name, param in tqdm(params, desc="megatron -> hf", unit="tensor", disable=not show_progress):
         rule = tensors.mapping_for(name)

@@ -1,5 +1,6 @@
-"""Streaming safetensors I/O: read one tensor at a time from a Hugging Face folder, write
-size-capped shards with an index, as `save_pretrained` lays them out."""
+"""Streaming safetensors I/O for Hugging Face folders: one tensor at a time in, size-capped shards out.
+
+Shards and the index are laid out as `save_pretrained` lays them out."""
 
 from __future__ import annotations
 

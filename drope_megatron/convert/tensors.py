@@ -43,6 +43,12 @@ class Shapes:
     vocab: int
     padded_vocab: int
 
+    @classmethod
+    def of(cls, m, padded_vocab: int) -> "Shapes":
+        """From a ModelConfig and the padded vocabulary its checkpoint uses."""
+        return cls(heads=m.num_attention_heads, groups=m.groups, head_dim=m.head_dim, vocab=m.vocab_size,
+                   padded_vocab=padded_vocab)
+
 
 @dataclass(frozen=True)
 class Mapping:

@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from drope_megatron import atomic, distributed
+from drope_megatron import atomic, distributed, dtypes
 from drope_megatron.config import ConfigError, ParallelConfig
-from drope_megatron.convert.hf_to_megatron import DTYPES
+from drope_megatron.convert.safetensors_io import SafetensorsReader
 from drope_megatron import checkpoint
 from drope_megatron.model.pipeline import forward_logits
 
@@ -27,6 +27,9 @@ def verify(hf_dir: Path, meg_dir: Path, tp: int = 1, pp: int = 1, batch: int = 2
     meta = checkpoint.read_meta(meg_dir)
     if not (Path(hf_dir) / "config.json").is_file():
         raise ConfigError(f"{hf_dir} has no config.json: pass a Hugging Face model folder")
+    SafetensorsReader(Path(hf_dir))  # refuses a folder without readable weights, before any work
+    if batch < 1 or length < 1:
+        raise ConfigError(f"--batch and --length must be at least 1 (got {batch} and {length})")
     vocab = meta["model"]["vocab_size"]
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     with distributed.session(parallel, seed) as env:
@@ -37,7 +40,7 @@ def verify(hf_dir: Path, meg_dir: Path, tp: int = 1, pp: int = 1, batch: int = 2
         ours = forward_logits(model.eval(), tokens)
         if ours is None or parallel_state.get_tensor_model_parallel_rank() != 0:
             return None
-        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=DTYPES[dtype], trust_remote_code=False).eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtypes.to_torch(dtype), trust_remote_code=False).eval()
         with torch.no_grad():
             theirs = hf(tokens).logits.float()
         ours = ours[..., :vocab].float()

@@ -18,16 +18,14 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from drope_megatron import dtypes
 from drope_megatron.config import ModelConfig, ParallelConfig
 from drope_megatron.model.attention import DropeSelfAttention, SDPAttention
 from drope_megatron.model.gpt import DropeGPTModel
 from drope_megatron.model.qk_norm import FullWidthRMSNorm
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
-    dtype = DTYPES[m.params_dtype]
+    dtype = dtypes.to_torch(m.params_dtype)
     rs = m.rope_scaling
     config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,

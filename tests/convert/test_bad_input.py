@@ -110,6 +110,32 @@ def test_existing_output_needs_overwrite(good_hf, tmp_path):
     assert proc.returncode == 2 and "already exists: pass --overwrite" in proc.stderr
 
 
+def test_zero_tp_is_refused(good_hf, tmp_path):
+    proc = drope("convert", "hf-to-megatron", str(good_hf), str(tmp_path / "m"), "--tp", "0", "--quiet")
+    assert proc.returncode == 2 and "parallel.tensor_model_parallel_size=0 must be positive" in proc.stderr
+
+
+def test_damaged_checkpoints_and_bad_verify_input(good_hf, tmp_path):
+    meg = tmp_path / "meg"
+    assert drope("convert", "hf-to-megatron", str(good_hf), str(meg), "--quiet").returncode == 0
+    no_weights = tmp_path / "noweights"
+    no_weights.mkdir()
+    shutil.copy(good_hf / "config.json", no_weights)
+    proc = drope("convert", "verify", str(no_weights), str(meg))
+    assert proc.returncode == 2 and "has no model.safetensors" in proc.stderr
+    proc = drope("convert", "verify", str(good_hf), str(meg), "--length", "0")
+    assert proc.returncode == 2 and "--length must be at least 1" in proc.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(meg, broken)
+    shutil.rmtree(broken / "weights")
+    proc = drope("convert", "megatron-to-hf", str(broken), str(tmp_path / "out1"), "--quiet")
+    assert proc.returncode == 2 and "is missing or incomplete" in proc.stderr
+    (broken / "drope_checkpoint.json").write_text("{not json")
+    proc = drope("convert", "megatron-to-hf", str(broken), str(tmp_path / "out2"), "--quiet")
+    assert proc.returncode == 2 and "is not valid JSON" in proc.stderr
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+
+
 def test_export_of_a_non_checkpoint_is_refused(tmp_path):
     proc = drope("convert", "megatron-to-hf", str(tmp_path), str(tmp_path / "out"), "--quiet")
     assert proc.returncode == 2 and "is not a drope Megatron checkpoint" in proc.stderr

@@ -85,6 +85,25 @@ def test_qk_norm_variant_is_refused(tmp_path):
         export(tmp_path / "qk", tmp_path / "out", show_progress=False)
 
 
+def test_drope_model_trained_here_exports_without_foreign_token_ids(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from drope_megatron.config import load_recipe
+    from drope_megatron.model import build_model
+
+    recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                "model.vocab_size=100", "model.init_method_std=0.1", "model.phase=drope"])
+    with distributed.session(single=True):
+        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "own")
+    export(tmp_path / "own", tmp_path / "out", show_progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written.get("pad_token_id") is None and written.get("eos_token_id") is None
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    tokens = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(megatron_logits(tmp_path / "own", tokens), hf(tokens).logits, rtol=0, atol=1e-4)
+
+
 def test_model_trained_here_exports_as_llama(tmp_path):
     from transformers import AutoModelForCausalLM
 

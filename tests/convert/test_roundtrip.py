@@ -64,8 +64,12 @@ def test_rope_theta_and_scaling_survive(tmp_path, scaling):
     torch.testing.assert_close(megatron_logits(meg_dir, tokens), theirs, rtol=0, atol=1e-4)
     written = json.loads((out_dir / "config.json").read_text())
     rope = written.get("rope_parameters") or {**written["rope_scaling"], "rope_theta": written["rope_theta"]}
-    assert rope["rope_theta"] == 50000.0 and rope["rope_type"] == scaling["rope_type"]
-    assert rope["factor"] == scaling["factor"]
+    assert rope["rope_theta"] == 50000.0 and all(rope[k] == v for k, v in scaling.items())
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(tokens).logits, theirs)  # the exported config computes the same function
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -82,3 +82,10 @@ def test_explicit_megatron_mask_is_honoured():
     q, k, v = (torch.randn(6, 1, heads, 16, generator=gen) for heads in (4, 2, 2))
     causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), diagonal=1)  # megatron: True = masked
     torch.testing.assert_close(core(q, k, v, causal), core(q, k, v, None), rtol=0, atol=1e-6)
+    # a mask that also hides key 0 from every query after the first must change those outputs only
+    hidden = causal.clone()
+    hidden[1:, 0] = True
+    out = core(q, k, v, hidden)
+    torch.testing.assert_close(out[:1], core(q, k, v, None)[:1], rtol=0, atol=1e-6)
+    expected = core(q[1:], k[1:], v[1:], None)  # queries 1.. over keys 1.. only, causally
+    torch.testing.assert_close(out[1:], expected, rtol=0, atol=1e-5)
