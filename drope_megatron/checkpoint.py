@@ -81,9 +81,11 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
     return dst
 
 
-def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, **build_kwargs):
+def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
+               **build_kwargs):
     """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
-    (cast to `dtype` when given, e.g. float32 for verification)."""
+    (cast to `dtype` when given, e.g. float32 for verification). `add_qk_norm` gives a checkpoint
+    without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant)."""
     from megatron.core import dist_checkpointing
 
     from drope_megatron.model import build_model
@@ -91,16 +93,29 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, **
     m = model_config(path)
     if dtype is not None:
         m.params_dtype = dtype
+    new_norms = add_qk_norm and not m.qk_norm
+    if new_norms:
+        if m.qk_head_norm:
+            raise ConfigError("the checkpoint has per-head q/k norms (Qwen3); the full-width QK-norm variant "
+                              "replaces them and cannot start from it")
+        m.qk_norm = True
     validate(Recipe(model=m, parallel=p))
     model = build_model(m, p, initialize=False, **build_kwargs)
     weights = Path(path) / "weights"
     if not (weights / "metadata.json").is_file():
         raise ConfigError(f"{weights} is missing or incomplete: the checkpoint is damaged")
+    request = model.sharded_state_dict()
+    if new_norms:  # not in the checkpoint: they keep their initial value of 1
+        request = {k: v for k, v in request.items() if not k.endswith(("q_layernorm.weight", "k_layernorm.weight"))}
     try:
-        state = dist_checkpointing.load(model.sharded_state_dict(), str(weights))
+        state = dist_checkpointing.load(request, str(weights))
     except dist_checkpointing.core.CheckpointingException as exc:
         raise ConfigError(f"{weights} does not match its metadata ({str(exc).splitlines()[0][:200]})") from None
-    model.load_state_dict(state, strict=True)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    allowed = ("q_layernorm.weight", "k_layernorm.weight") if new_norms else ()
+    bad = [k for k in missing if not k.endswith(allowed) and not k.endswith("_extra_state")] + list(unexpected)
+    if bad:
+        raise ConfigError(f"{weights} does not fit the model: e.g. {bad[0]}")
     return model, m
 
 

@@ -122,9 +122,9 @@ def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
     if hasattr(dist.distributed_c10d, "default_pg_nccl_timeout"):
         dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        dist.init_process_group(
-            backend=backend_for(p), init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank, world_size=env.world_size, timeout=timeout)
+        # env:// reads the variables exported above; under torchrun it also joins the agent's store
+        # with a per-restart prefix, which is what lets `--max-restarts` rebuild the job cleanly.
+        dist.init_process_group(backend=backend_for(p), init_method="env://", timeout=timeout)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,

@@ -12,7 +12,7 @@ def test_defaults_validate():
 
 
 def test_every_shipped_recipe_loads():
-    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    recipes = sorted((ROOT / "recipes").rglob("*.yaml"))
     assert recipes
     for path in recipes:
         load_recipe(path)

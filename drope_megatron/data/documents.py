@@ -3,6 +3,7 @@ indexed datasets (.bin/.idx, already tokenised), as token-id documents in a seed
 
 from __future__ import annotations
 
+import glob
 from pathlib import Path
 from typing import Iterator
 
@@ -31,7 +32,7 @@ def _hf_dataset(d: DataConfig):
 
     if d.format == "hub":
         return datasets.load_dataset(d.paths[0], split="train", streaming=d.streaming)
-    missing = [p for p in d.paths if not Path(p).exists()]
+    missing = [p for p in d.paths if not (glob.glob(p) if glob.has_magic(p) else Path(p).exists())]
     if missing:
         raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
     builder = {"text": "text", "json": "json", "parquet": "parquet"}[d.format]

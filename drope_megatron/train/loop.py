@@ -30,8 +30,8 @@ class TrainingDiverged(RuntimeError):
 
 def _model(recipe: Recipe, phase: str):
     """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised."""
-    if recipe.train.init_from:
-        model, m = checkpoint.load_model(recipe.train.init_from, recipe.parallel)
+    if recipe.train.init_from:  # the checkpoint's architecture; the recipe adds the phase and QK-norm
+        model, m = checkpoint.load_model(recipe.train.init_from, recipe.parallel, add_qk_norm=recipe.model.qk_norm)
     else:
         m = recipe.model
         model = build_model(m, recipe.parallel)

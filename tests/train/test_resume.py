@@ -1,0 +1,82 @@
+"""Faults and resumption: SIGKILL and SIGSTOP of a rank end the job in bounded time; rerunning
+the same command resumes from the last checkpoint with the uninterrupted run's losses."""
+
+import os
+import shutil
+import signal
+
+import pytest
+
+from tests.helpers import ROOT, torchrun
+from tests.train import corpus as corpus_lib
+from tests.train import faults
+from tests.train.test_loop import losses, run
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".build" / "torch_extensions"))
+STEPS = ["train.steps=12", "train.save_interval=3", "train.keep_last=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return corpus_lib.build(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("full") / "run"
+    run(corpus, run_dir, *STEPS)
+    return losses(run_dir)[0]
+
+
+def job_args(corpus, run_dir, *extra):
+    return ["pretrain", *corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), f"train.save_dir={run_dir}",
+            *STEPS, *extra, "--quiet"]
+
+
+def test_sigkill_then_rerun_is_exact(corpus, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = faults.start(job_args(corpus, run_dir))
+    faults.wait_for_step(run_dir, 5, proc)
+    faults.kill_all(proc)
+    assert (run_dir / "checkpoints" / "latest").is_file()
+    run(corpus, run_dir, *STEPS)
+    assert losses(run_dir)[0] == uninterrupted  # bitwise: same process count, same data, same RNG
+    kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
+    assert kept == ["step00000009", "step00000012"]  # keep_last=2
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
+def test_lost_rank_ends_job_and_rerun_resumes(corpus, tmp_path, uninterrupted, sig):
+    run_dir = tmp_path / "run"
+    args = job_args(corpus, run_dir, "train.zero_stage=1", "parallel.timeout_minutes=0.1")
+    proc = faults.start(args, nproc=2)
+    faults.wait_for_step(run_dir, 5, proc)
+    faults.rank_process(proc, 1).send_signal(sig)
+    rc, waited, err = faults.finish(proc, timeout=120)
+    faults.kill_all(proc)  # a frozen rank may outlive its launcher
+    assert rc != 0 and waited < 90, (rc, waited, err[-1500:])
+    proc = torchrun(2, ["-m", "drope_megatron.cli", *args], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert losses(run_dir)[0] == pytest.approx(uninterrupted, rel=1e-5, abs=1e-5)
+
+
+def test_partial_checkpoint_is_never_loaded(corpus, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    run(corpus, run_dir, "train.steps=6", "train.save_interval=3")
+    ckpts = run_dir / "checkpoints"
+    # what a crash during the write of step 9 leaves: files, but no state and `latest` unmoved
+    shutil.copytree(ckpts / "step00000006", ckpts / "step00000009")
+    (ckpts / "step00000009" / "drope_state.json").unlink()
+    for f in (ckpts / "step00000009").rglob("*.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert (ckpts / "latest").read_text().strip() == "step00000006"
+    run(corpus, run_dir, *STEPS)
+    assert losses(run_dir)[0][:12] == pytest.approx(uninterrupted, rel=1e-6, abs=1e-6)
+
+
+def test_resume_at_another_world_size_is_refused(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    run(corpus, run_dir, "train.steps=3", "train.zero_stage=1")
+    proc = torchrun(2, ["-m", "drope_megatron.cli", *job_args(corpus, run_dir, "train.zero_stage=1")], timeout=240)
+    assert proc.returncode != 0
+    assert "was written with another layout (dp=1 now 2)" in proc.stderr

@@ -1,0 +1,125 @@
+"""Training: bad inputs end in one line and write nothing; launchers other than torchrun;
+divergence stops the run; the QK-norm variant starts from a plain checkpoint."""
+
+import json
+import os
+import shutil
+import sys
+
+import pytest
+
+from drope_megatron import checkpoint
+from tests.helpers import ROOT, drope, run as run_cmd, torchrun
+from tests.train import corpus as corpus_lib
+from tests.train.test_loop import losses, run
+
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".build" / "torch_extensions"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return corpus_lib.build(tmp_path_factory.mktemp("corpus"))
+
+
+def pretrain_args(corpus, run_dir, *extra):
+    return ["pretrain", *corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), f"train.save_dir={run_dir}",
+            "train.steps=3", *extra, "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny")
+    (folder / "empty.txt").write_text("")
+    (folder / "short.txt").write_text("w1 w2 w3\n")
+    return folder
+
+
+def bad_cases(corpus, tiny):
+    return {
+        "missing-file": (["data.paths=[/nonexistent/a.txt]"], "data file /nonexistent/a.txt does not exist"),
+        "empty-dataset": ([f"data.paths=[{tiny / 'empty.txt'}]"], "fewer than one block of 33"),
+        "shorter-than-a-block": ([f"data.paths=[{tiny / 'short.txt'}]"], "fewer than one block of 33"),
+        "vocab-mismatch": (["model.vocab_size=64"], "has 160 tokens but the model's vocabulary is 64"),
+        "no-tokenizer": (["data.tokenizer=null"], "data.tokenizer is not set"),
+        "pipeline": (["parallel.pipeline_model_parallel_size=2", "model.num_layers=2"],
+                     "set parallel.pipeline_model_parallel_size=1"),
+        "batch": (["train.global_batch_size=6", "train.micro_batch_size=4"], "is not a multiple"),
+        "ds-json": (["train.deepspeed_config=/nonexistent.json"], "train.deepspeed_config /nonexistent.json does not"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing-file", "empty-dataset", "shorter-than-a-block", "vocab-mismatch",
+                                  "no-tokenizer", "pipeline", "batch", "ds-json"])
+def test_bad_training_input(corpus, tiny_files, tmp_path, case):
+    extra, message = bad_cases(corpus, tiny_files)[case]
+    run_dir = tmp_path / "run"
+    proc = drope(*pretrain_args(corpus, run_dir, *extra))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("drope: error:"), \
+        proc.stderr[-2000:]
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists()
+
+
+def test_more_tp_than_ranks_is_refused(corpus, tmp_path):
+    proc = drope(*pretrain_args(corpus, tmp_path / "run", "parallel.tensor_model_parallel_size=2"))
+    assert proc.returncode == 2 and "world size 1 is not a multiple of TP*PP=2" in proc.stderr
+
+
+def test_divergence_stops_with_a_pointer_to_the_last_checkpoint(corpus, tmp_path):
+    proc = drope(*pretrain_args(corpus, tmp_path / "run", "train.lr=1e30", "train.steps=6", "train.save_interval=1",
+                                "train.grad_clip=0"))
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
+    assert "last good checkpoint" in proc.stderr
+
+
+def test_two_nodes_on_loopback(corpus, tmp_path):
+    """Two torchrun agents (node ranks 0 and 1, one process each) run one job."""
+    from drope_megatron.distributed import free_port
+    import subprocess
+
+    from tests.helpers import child_env
+
+    port = free_port()
+    args = pretrain_args(corpus, tmp_path / "run", "train.zero_stage=2")
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
+                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "-m", "drope_megatron.cli", *args], env=child_env(), cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs[1][1][-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["params_local"] == rows[0]["params_total"] and len(rows) == 3
+
+
+def test_mpirun_job(corpus, tmp_path):
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m",
+           "drope_megatron.cli", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
+    proc = run_cmd(cmd, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seq, _ = losses(tmp_path / "run")
+    assert len(seq) == 3 and seq[-1] < seq[0]
+
+
+def test_qk_norm_variant_recalibrates_from_a_plain_checkpoint(corpus, tmp_path):
+    run(corpus, tmp_path / "pre", "train.steps=2")
+    shutil.rmtree(tmp_path / "pre" / "checkpoints")
+    run(corpus, tmp_path / "rec", "train.steps=3", f"train.init_from={tmp_path / 'pre' / 'final'}",
+        "model.qk_norm=true", "train.deepspeed_config=recipes/deepspeed/zero3.json", nproc=2, command="recalibrate")
+    m = checkpoint.model_config(tmp_path / "rec" / "final")
+    assert m.qk_norm and m.phase == "drope"
+    first = losses(tmp_path / "rec")[1][0]
+    assert first["params_local"] == pytest.approx(first["params_total"] / 2, rel=0.02)  # ZeRO-3 from the JSON
+
+
+def test_deepspeed_launcher(corpus, tmp_path):
+    """DeepSpeed's own launcher (single node here; a hostfile adds ssh to other nodes)."""
+    from drope_megatron.distributed import free_port
+
+    launcher = str(ROOT / ".venv" / "bin" / "deepspeed") if (ROOT / ".venv" / "bin" / "deepspeed").exists() \
+        else shutil.which("deepspeed")
+    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank", "--module",
+           "drope_megatron.cli", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
+    proc = run_cmd(cmd, timeout=240, PATH=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ["PATH"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(losses(tmp_path / "run")[0]) == 3
