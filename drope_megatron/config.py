@@ -125,7 +125,8 @@ class TrainConfig:
     offload_optimizer: bool = False  # ZeRO optimizer state in host memory
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON taken as is; "auto" fields filled from here
     init_from: Optional[str] = None  # a Megatron checkpoint (drope convert) to start from
-    save_dir: Optional[str] = None  # run directory: checkpoints, metrics.jsonl, the final export
+    save_dir: Optional[str] = None  # run directory: checkpoints, metrics.jsonl, the final Megatron checkpoint
+    export_hf: Optional[str] = None  # also export the final model as a Hugging Face folder here
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept (the final one always is)
     tensorboard: bool = False

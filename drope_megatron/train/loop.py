@@ -4,6 +4,9 @@ the megatron-core model inside a DeepSpeed engine, on packed data, with resumabl
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -76,10 +79,39 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         try:
             last = _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress and env.rank == 0)
             if run_dir is not None:
-                checkpoint.save(engine.module, m, run_dir / "final", extra=_source(recipe))
+                _save_final(engine, m, run_dir / "final", _source(recipe))
+                if t.export_hf and env.rank == 0:
+                    _export_hf(run_dir / "final", Path(t.export_hf))
         finally:
             log.close()
     return {**last, "rank": env.rank}
+
+
+def _save_final(engine, m: ModelConfig, dst: Path, extra: dict) -> None:
+    """The trained model as a Megatron checkpoint; under ZeRO-3 each parameter is gathered for it."""
+    import contextlib
+
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    full = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 \
+        else contextlib.nullcontext()
+    with full:
+        checkpoint.save(engine.module, m, dst, extra=extra)
+
+
+def _export_hf(final: Path, dst: Path) -> None:
+    # A fresh process: the export builds a single-process world of its own, not part of this job.
+    cmd = [sys.executable, "-m", "drope_megatron.cli", "convert", "megatron-to-hf", str(final), str(dst),
+           "--overwrite", "--quiet"]
+    job_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE",
+                "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "PMI_SIZE", "PMIX_RANK", "TORCHELASTIC_USE_AGENT_STORE")
+    env = {k: v for k, v in os.environ.items() if k not in job_vars}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise ConfigError(f"Hugging Face export to {dst} failed: {proc.stderr.strip().splitlines()[-1]} "
+                          f"(the Megatron checkpoint {final} is complete)")
+    print(proc.stdout.strip())
 
 
 def _source(recipe: Recipe) -> dict:

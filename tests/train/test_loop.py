@@ -50,8 +50,12 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     assert rows[0]["grad_norm"] > 0
     assert checkpoint.model_config(pre / "final").phase == "rope"
     rec = tmp_path / "rec"
-    proc = run(corpus, rec, "train.steps=4", f"train.init_from={pre / 'final'}", command="recalibrate")
-    assert "step 4: loss" in proc.stdout
+    proc = run(corpus, rec, "train.steps=4", f"train.init_from={pre / 'final'}", f"train.export_hf={tmp_path / 'hf'}",
+               command="recalibrate")
+    assert "step 4: loss" in proc.stdout and "SmolLM3ForCausalLM" in proc.stdout
+    from transformers import AutoModelForCausalLM
+
+    assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "SmolLM3ForCausalLM"
     m = checkpoint.model_config(rec / "final")
     assert m.phase == "drope" and m.seq_length == 32
     first = losses(rec)[0][0]

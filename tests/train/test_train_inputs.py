@@ -104,8 +104,11 @@ def test_mpirun_job(corpus, tmp_path):
 def test_qk_norm_variant_recalibrates_from_a_plain_checkpoint(corpus, tmp_path):
     run(corpus, tmp_path / "pre", "train.steps=2")
     shutil.rmtree(tmp_path / "pre" / "checkpoints")
+    ds = json.loads((ROOT / "recipes" / "deepspeed" / "zero3.json").read_text())
+    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
+    (tmp_path / "zero3.json").write_text(json.dumps(ds))
     run(corpus, tmp_path / "rec", "train.steps=3", f"train.init_from={tmp_path / 'pre' / 'final'}",
-        "model.qk_norm=true", "train.deepspeed_config=recipes/deepspeed/zero3.json", nproc=2, command="recalibrate")
+        "model.qk_norm=true", f"train.deepspeed_config={tmp_path / 'zero3.json'}", nproc=2, command="recalibrate")
     m = checkpoint.model_config(tmp_path / "rec" / "final")
     assert m.qk_norm and m.phase == "drope"
     first = losses(tmp_path / "rec")[1][0]
