@@ -74,6 +74,11 @@ def test_zero_on_two_processes_matches_one(corpus, tmp_path, baseline, stage):
     assert first["optimizer_state_local"] == pytest.approx(2 * first["params_total"] / 2, rel=0.02)
 
 
+def test_optimizer_offload_matches(corpus, tmp_path, baseline):
+    run(corpus, tmp_path / "run", "train.steps=4", "train.zero_stage=2", "train.offload_optimizer=true", nproc=2)
+    assert losses(tmp_path / "run")[0] == pytest.approx(baseline[0], rel=1e-5, abs=1e-5)
+
+
 def test_tp2_with_zero1_matches_tp1(corpus, tmp_path, baseline):
     run(corpus, tmp_path / "run", "train.steps=4", "train.zero_stage=1", "parallel.tensor_model_parallel_size=2",
         "train.micro_batch_size=8", nproc=2)
