@@ -2,7 +2,8 @@
 
 Rooms: `config` (typed recipes), `distributed` (launchers, process groups), `compat`
 (megatron-core CPU shims), `model/` (the GPT model with a switchable positional phase),
-`train/` (training loops), `cli` (the `drope` command).
+`checkpoint` (the Megatron checkpoint format), `convert/` (Hugging Face <-> Megatron),
+`data/` (tokenizers, packing), `train/` (the DeepSpeed loop), `cli` (the `drope` command).
 """
 
 __version__ = "0.1.0"

@@ -1,1 +1,2 @@
-"""Training: the smoke loop today; the DeepSpeed recalibration loop, schedules and checkpoints next."""
+"""Training: the DeepSpeed loop for pretrain/recalibrate (loop, engine), resumable checkpoints,
+metrics, and smoke.py, the plain-torch end-to-end check."""
