@@ -50,10 +50,11 @@ def model_config(path: str | Path) -> ModelConfig:
 
 
 def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = None,
-         tokenizer_dir: Path | None = None) -> Path:
+         tokenizer: Path | None = None) -> Path:
     """Collective over all ranks: write the model's shards, metadata and tokenizer, then publish.
 
-    `extra` adds top-level metadata (e.g. `source`, the Hugging Face origin, kept across saves)."""
+    `extra` adds top-level metadata (e.g. `source`, the Hugging Face origin, kept across saves);
+    `tokenizer` (a tokenizer folder or a sentencepiece .model file) is copied into `tokenizer/`."""
     from megatron.core import dist_checkpointing  # here, so metadata readers import nothing heavy
 
     dst = Path(dst)
@@ -74,17 +75,17 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
         meta["model"].update(padded_vocab_size=model.vocab_size, phase=model.phase,
                              rope_layers=model.rope_layers if model.phase == "layers" else m.rope_layers)
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        if tokenizer_dir is not None and any(tokenizer_dir.iterdir()):
-            shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        _copy_tokenizer(tokenizer, tmp / "tokenizer")
         atomic.publish_dir(tmp, dst)
     _barrier()
     return dst
 
 
 def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
-               **build_kwargs):
+               attention_backend: str | None = None, **build_kwargs):
     """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
-    (cast to `dtype` when given, e.g. float32 for verification). `add_qk_norm` gives a checkpoint
+    (cast to `dtype` when given, e.g. float32 for verification; `attention_backend` overrides the
+    stored one, e.g. sdpa for long sequences). `add_qk_norm` gives a checkpoint
     without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant)."""
     from megatron.core import dist_checkpointing
 
@@ -93,6 +94,8 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
     m = model_config(path)
     if dtype is not None:
         m.params_dtype = dtype
+    if attention_backend is not None:
+        m.attention_backend = attention_backend
     new_norms = add_qk_norm and not m.qk_norm
     if new_norms:
         if m.qk_head_norm:
@@ -117,6 +120,19 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
     if bad:
         raise ConfigError(f"{weights} does not fit the model: e.g. {bad[0]}")
     return model, m
+
+
+def _copy_tokenizer(src: Path | None, dst: Path) -> None:
+    from drope_megatron.data.tokenizer import SENTENCEPIECE
+
+    if src is None:
+        return
+    src = Path(src)
+    if src.is_file():
+        dst.mkdir()
+        shutil.copy2(src, dst / SENTENCEPIECE)
+    elif src.is_dir() and any(src.iterdir()):
+        shutil.copytree(src, dst)
 
 
 def _barrier() -> None:

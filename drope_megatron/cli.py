@@ -7,6 +7,7 @@ Heavy imports (torch, megatron-core) happen inside the subcommands, so `drope --
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -112,6 +113,64 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    import dataclasses
+
+    from drope_megatron.config import Recipe, validate
+
+    e = load_recipe(args.recipe).eval if args.recipe else Recipe().eval
+    flags = {"lengths": _csv(args.lengths), "tasks": _csv(args.tasks), "baselines": _csv(args.baselines),
+             "data": args.data, "text_key": args.text_key, "documents": args.documents, "seed": args.seed,
+             "depths": [float(d) for d in _csv(args.depths)] if args.depths else None, "samples": args.samples}
+    e = dataclasses.replace(e, **{k: v for k, v in flags.items() if v is not None})
+    bad = [b for b in e.baselines if b not in ("pi", "ntk", "yarn")]
+    if bad:
+        raise ConfigError(f"--baselines has {bad[0]!r}: use pi, ntk, yarn")
+    validate(Recipe(eval=e))
+    from drope_megatron.eval.runner import parse_models, run
+
+    models = parse_models(args.models)
+    if "ppl" in e.tasks and not e.data:
+        raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
+    if args.quiet:  # datasets reads this at import
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    results = run(models, e, args.out, overwrite=args.overwrite, tp=args.tp, dtype=args.dtype,
+                  progress=not args.quiet)
+    if results is not None:
+        print((args.out / "report.md").read_text(), end="")
+        print(f"wrote {args.out}/report.md, results.json and plots")
+    return 0
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _add_eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity by length, passkey and needle retrieval, RoPE-scaling baselines",
+                       description="Evaluate Megatron checkpoints and Hugging Face folders at several lengths "
+                                   "(multiples of each model's training context, or tokens). RoPE models are "
+                                   "also run with each --baselines scaling. Writes results.json, report.md and "
+                                   "PNG plots to --out. Launch TP processes with torchrun for --tp > 1.")
+    p.add_argument("models", nargs="+", metavar="[LABEL=]MODEL", help="Megatron checkpoints or HF folders")
+    p.add_argument("--out", type=Path, required=True, help="report folder (written whole, atomically)")
+    p.add_argument("--recipe", help="YAML recipe whose eval section gives the defaults")
+    p.add_argument("--lengths", help="comma-separated, e.g. 1x,2x,4x,8x or 2048,8192 (default 1x,2x,4x,8x)")
+    p.add_argument("--tasks", help="comma-separated: ppl, passkey, niah or single RULER tasks (default ppl)")
+    p.add_argument("--baselines", help="comma-separated RoPE scalings for RoPE models: pi, ntk, yarn")
+    p.add_argument("--data", nargs="+", help="held-out long documents for ppl (text, json/jsonl, parquet files)")
+    p.add_argument("--text-key", help="text column of json/parquet documents (default text)")
+    p.add_argument("--documents", type=int, help="documents per length for ppl (default 8)")
+    p.add_argument("--depths", help="needle depths, comma-separated fractions (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=int, help="retrieval prompts per task, length and depth (default 4)")
+    p.add_argument("--seed", type=int, help="prompt seed (default 0)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size for Megatron checkpoints")
+    p.add_argument("--dtype", choices=dtypes.NAMES, help="compute dtype (default: the model's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_eval)
+
+
 def _add_io_args(p: argparse.ArgumentParser, default_dtype: str) -> None:
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
@@ -194,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         p.set_defaults(func=cmd_train)
     _add_convert_parsers(sub)
+    _add_eval_parser(sub)
     return parser
 
 
@@ -201,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core announces at import that Apex / Transformer Engine are absent: expected here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
+    # torch's distributed checkpoint warns about its own API churn on every megatron-core load.
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor instead|`load_state_dict` is dep)")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

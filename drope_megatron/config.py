@@ -149,9 +149,16 @@ class EvalConfig:
     """Long-context evaluation: lengths as multiples of the training context (`2x`) or tokens."""
 
     lengths: list[str] = field(default_factory=lambda: ["1x", "2x", "4x", "8x"])
-    tasks: list[Literal["ppl", "passkey", "niah"]] = field(default_factory=lambda: ["ppl"])
+    # ppl, passkey, niah (every RULER task) or single tasks: niah_single, niah_multikey,
+    # niah_multivalue, niah_multiquery, vt
+    tasks: list[str] = field(default_factory=lambda: ["ppl"])
     baselines: list[Literal["pi", "ntk", "yarn"]] = field(default_factory=list)
     seed: int = 0
+    data: list[str] = field(default_factory=list)  # held-out long documents (text, json/jsonl, parquet)
+    text_key: str = "text"
+    documents: int = 8  # documents per length for perplexity
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    samples: int = 4  # retrieval prompts per (task, length, depth)
 
 
 @dataclass
@@ -348,8 +355,20 @@ def validate(recipe: Recipe) -> None:
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(not t.offload_optimizer or t.zero_stage > 0, "train.offload_optimizer needs train.zero_stage >= 1")
     _check(t.save_interval >= 0 and t.keep_last >= 1, "train.save_interval must be >= 0 and train.keep_last >= 1")
-    for length in recipe.eval.lengths:
+    _validate_eval(recipe.eval, m)
+
+
+EVAL_TASKS = ("ppl", "passkey", "niah", "niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt")
+
+
+def _validate_eval(e: EvalConfig, m: ModelConfig) -> None:
+    for length in e.lengths:
         parse_length(length, m.seq_length, key="eval.lengths")
+    bad = [t for t in e.tasks if t not in EVAL_TASKS]
+    _check(not bad, f"eval.tasks has {bad[0] if bad else ''!r}: use {', '.join(EVAL_TASKS)}")
+    _check(bool(e.lengths) and bool(e.tasks), "eval.lengths and eval.tasks must not be empty")
+    _check(all(0.0 <= d <= 1.0 for d in e.depths) and bool(e.depths), "eval.depths must be fractions within 0..1")
+    _check(e.documents >= 1 and e.samples >= 1, "eval.documents and eval.samples must be >= 1")
 
 
 def _validate_phase(m: ModelConfig) -> None:

@@ -57,7 +57,7 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
             with _staged_tokenizer(src, dst) as tokenizer_dir:
                 checkpoint.save(model, m, dst, extra={"source": hf_config.source_record(cfg, family),
                                                       "written_for": {"tp": tp, "pp": pp}},
-                                tokenizer_dir=tokenizer_dir)
+                                tokenizer=tokenizer_dir)
     except BaseException:
         shutil.rmtree(atomic.staging_dir(dst), ignore_errors=True)  # no partial output
         raise

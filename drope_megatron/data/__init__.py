@@ -1,2 +1,2 @@
 """Training data: tokenizers, document sources (HF datasets, Megatron indexed), EOS packing,
-and the deterministic, resumable, data-parallel batch sampler."""
+the deterministic, resumable, data-parallel batch sampler, and the offline demo corpus (corpus.py)."""

@@ -9,11 +9,15 @@ from typing import Callable
 from drope_megatron.config import ConfigError
 
 
+SENTENCEPIECE = "tokenizer.model"
+
+
 @dataclass
 class Tokenizer:
-    """What packing needs: text -> ids, the end-of-document id, how many ids there are."""
+    """What packing and evaluation need: text <-> ids, the end-of-document id, how many ids there are."""
 
     encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
     eos_id: int
     vocab_size: int
     source: str
@@ -23,6 +27,8 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     path = Path(path)
     if path.is_file() and path.suffix == ".model":
         return _sentencepiece(path)
+    if path.is_dir() and (path / SENTENCEPIECE).is_file() and not (path / "tokenizer_config.json").is_file():
+        return _sentencepiece(path / SENTENCEPIECE)  # a checkpoint's copy of a bare sentencepiece model
     if path.is_dir():
         return _hugging_face(path)
     raise ConfigError(f"tokenizer {path} is neither a Hugging Face tokenizer folder nor a sentencepiece .model "
@@ -35,7 +41,7 @@ def _sentencepiece(path: Path) -> Tokenizer:
     sp = sentencepiece.SentencePieceProcessor(model_file=str(path))
     if sp.eos_id() < 0:
         raise ConfigError(f"sentencepiece model {path} has no EOS piece: train it with eos_id set")
-    return Tokenizer(lambda text: sp.encode(text), sp.eos_id(), sp.get_piece_size(), str(path))
+    return Tokenizer(lambda text: sp.encode(text), lambda ids: sp.decode(list(ids)), sp.eos_id(), sp.get_piece_size(), str(path))
 
 
 def _hugging_face(path: Path) -> Tokenizer:
@@ -47,5 +53,6 @@ def _hugging_face(path: Path) -> Tokenizer:
         raise ConfigError(f"cannot load a tokenizer from {path} ({str(exc).splitlines()[0]})") from None
     if tok.eos_token_id is None:
         raise ConfigError(f"tokenizer {path} has no eos_token: documents could not be separated")
-    return Tokenizer(lambda text: tok(text, add_special_tokens=False)["input_ids"], tok.eos_token_id, len(tok),
+    return Tokenizer(lambda text: tok(text, add_special_tokens=False)["input_ids"],
+                     lambda ids: tok.decode(list(ids), skip_special_tokens=True), tok.eos_token_id, len(tok),
                      str(path))

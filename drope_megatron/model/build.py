@@ -26,7 +26,6 @@ from drope_megatron.model.qk_norm import FullWidthRMSNorm
 
 def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
     dtype = dtypes.to_torch(m.params_dtype)
-    rs = m.rope_scaling
     config = TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.groups, ffn_hidden_size=m.ffn_size, kv_channels=m.head_dim,
@@ -42,13 +41,6 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
     )
-    if rs.type == "yarn":
-        # Only MLATransformerConfig declares the yarn_* fields; GPTModel and attention read them
-        # with getattr, so a plain config carries them as attributes.
-        for key, value in dict(rotary_scaling_factor=rs.factor, beta_fast=rs.beta_fast, beta_slow=rs.beta_slow,
-                               original_max_position_embeddings=rs.original_max_position_embeddings,
-                               mscale=1.0, mscale_all_dim=0.0, correction_range_round_to_int=True).items():
-            setattr(config, f"yarn_{key}", value)
     return config
 
 
@@ -76,10 +68,9 @@ def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
     `initialize=False` skips random init (weights about to be loaded); `gather_logits` returns
     full-vocabulary logits on every TP rank instead of each rank's slice.
     """
-    rs = m.rope_scaling
     config = transformer_config(m, p)
     config.perform_initialization = initialize
-    model = DropeGPTModel(
+    return DropeGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(m),
         vocab_size=m.padded_vocab(p.tensor_model_parallel_size),
@@ -88,25 +79,8 @@ def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=m.tie_embeddings,
         parallel_output=not gather_logits,
-        position_embedding_type="yarn" if rs.type == "yarn" else "rope",
         rotary_base=m.rotary_base,
-        seq_len_interpolation_factor=rs.factor if rs.type == "linear" else None,
+        rope_scaling=m.rope_scaling,
         phase=m.phase,
         rope_layers=m.rope_layers,
     )
-    if rs.type == "llama3":
-        _apply_llama3_scaling(model, m)
-    return model
-
-
-def _apply_llama3_scaling(model: DropeGPTModel, m: ModelConfig) -> None:
-    # GPTModel's rope_scaling flag hard-codes Llama 3.1's low/high factors and 8192 context;
-    # recompute the frequencies with the recipe's values through the same megatron routine.
-    rotary = model.rotary_pos_emb
-    dim = rotary.inv_freq.numel() * 2
-    plain = 1.0 / (m.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    rs = m.rope_scaling
-    rotary.inv_freq = rotary._apply_scaling(
-        plain.to(rotary.inv_freq.device), factor=rs.factor, low_freq_factor=rs.low_freq_factor,
-        high_freq_factor=rs.high_freq_factor,
-        original_max_position_embeddings=rs.original_max_position_embeddings)

@@ -79,7 +79,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         try:
             last = _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress and env.rank == 0)
             if run_dir is not None:
-                _save_final(engine, m, run_dir / "final", _source(recipe))
+                _save_final(engine, m, run_dir / "final", _source(recipe), Path(tok.source) if tok else None)
                 if t.export_hf and env.rank == 0:
                     _export_hf(run_dir / "final", Path(t.export_hf))
         finally:
@@ -87,7 +87,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
     return {**last, "rank": env.rank}
 
 
-def _save_final(engine, m: ModelConfig, dst: Path, extra: dict) -> None:
+def _save_final(engine, m: ModelConfig, dst: Path, extra: dict, tokenizer: Path | None) -> None:
     """The trained model as a Megatron checkpoint; under ZeRO-3 each parameter is gathered for it."""
     import contextlib
 
@@ -97,7 +97,7 @@ def _save_final(engine, m: ModelConfig, dst: Path, extra: dict) -> None:
     full = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 \
         else contextlib.nullcontext()
     with full:
-        checkpoint.save(engine.module, m, dst, extra=extra)
+        checkpoint.save(engine.module, m, dst, extra=extra, tokenizer=tokenizer)
 
 
 def _export_hf(final: Path, dst: Path) -> None:

@@ -24,7 +24,7 @@ def dropped(tmp_path, family, phase="drope", rope_layers=None, **cfg):
         model, m = checkpoint.load_model(meg_dir, ParallelConfig())
         model.set_phase(phase, rope_layers)
         checkpoint.save(model, m, drope_dir, extra={"source": checkpoint.read_meta(meg_dir)["source"]},
-                        tokenizer_dir=meg_dir / "tokenizer")
+                        tokenizer=meg_dir / "tokenizer")
     return drope_dir
 
 

@@ -1,0 +1,135 @@
+"""The models evaluation runs: a Megatron checkpoint (our model) or a Hugging Face folder (transformers).
+
+Both answer the same three questions: `logits(tokens)` over the tokenizer's real vocabulary (fp32,
+padding rows cut), `use(method, length)` to switch RoPE scaling for a target length, and what the
+model is (training length, positional phase, tokenizer).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from drope_megatron import checkpoint
+from drope_megatron.config import ConfigError, ParallelConfig
+from drope_megatron.data.tokenizer import Tokenizer, load_tokenizer
+from drope_megatron.eval import scaling
+
+
+def model_kind(path: Path) -> str:
+    """"megatron" (has drope_checkpoint.json) or "hf" (has config.json)."""
+    if checkpoint.is_checkpoint(path):
+        return "megatron"
+    if (path / "config.json").is_file():
+        return "hf"
+    raise ConfigError(f"{path} is neither a drope Megatron checkpoint nor a Hugging Face model folder")
+
+
+def open_backend(path: str | Path, dtype: str | None = None, tp: int = 1):
+    path = Path(path)
+    if model_kind(path) == "megatron":
+        return MegatronBackend(path, dtype, tp)
+    return HFBackend(path, dtype)
+
+
+def _tokenizer(path: Path) -> Tokenizer:
+    if not path.is_dir():
+        raise ConfigError(f"no tokenizer at {path}: the model needs its tokenizer files to be evaluated")
+    return load_tokenizer(path)
+
+
+class MegatronBackend:
+    """Our DropeGPTModel from a Megatron checkpoint, through SDPA attention, full logits on every TP rank."""
+
+    def __init__(self, path: Path, dtype: str | None, tp: int):
+        self.path = path
+        self.model, self.config = checkpoint.load_model(
+            path, ParallelConfig(tensor_model_parallel_size=tp), dtype=dtype, attention_backend="sdpa",
+            gather_logits=True)
+        self.model.eval()
+        m = self.config
+        self.train_length, self.phase, self.vocab_size = m.seq_length, m.phase, m.vocab_size
+        self.device = next(self.model.parameters()).device
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return _tokenizer(self.path / "tokenizer")
+
+    def use(self, method: str, length: int) -> None:
+        m = self.config
+        if method != "none" and m.rope_scaling.type != "none":
+            raise ConfigError(f"{self.path} already uses {m.rope_scaling.type} RoPE scaling: baselines apply to "
+                              "plain RoPE models")
+        if method == "none":
+            self.model.set_rotary(m.rotary_base, m.rope_scaling)
+            return
+        rotary = scaling.rotary_for(method, m.rotary_base, m.head_dim, self.train_length, length)
+        self.model.set_rotary(rotary.base, rotary.scaling)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        from drope_megatron.model.pipeline import forward_logits
+
+        out = forward_logits(self.model, tokens.to(self.device))
+        return out[..., : self.vocab_size].float()
+
+
+class HFBackend:
+    """A transformers causal LM (never trust_remote_code), SDPA attention."""
+
+    def __init__(self, path: Path, dtype: str | None):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from drope_megatron import dtypes
+
+        self.path = path
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        torch_dtype = dtypes.to_torch(dtype) if dtype else "auto"
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype,
+                                                          attn_implementation="sdpa", trust_remote_code=False)
+        self.model.eval()
+        if torch.cuda.is_available():
+            self.model.cuda()
+        self.device = next(self.model.parameters()).device
+        rp = dict(getattr(config, "rope_parameters", None) or {})
+        self.base = float(rp.get("rope_theta", 10000.0))
+        self.rope_type = rp.get("rope_type", "default")
+        self.train_length = int(rp.get("original_max_position_embeddings") or config.max_position_embeddings)
+        self.phase = _hf_phase(config)
+        self.vocab_size = config.vocab_size
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return _tokenizer(self.path)
+
+    def use(self, method: str, length: int) -> None:
+        if method != "none" and self.rope_type != "default":
+            raise ConfigError(f"{self.path} already uses {self.rope_type} RoPE scaling: baselines apply to plain "
+                              "RoPE models")
+        if method == "none" and self.rope_type != "default":
+            return
+        config = self.model.config
+        config.rope_parameters = scaling.hf_rope_parameters(method, self.base, self.train_length, length)
+        config.max_position_embeddings = self.train_length
+        rotary = self.model.model.rotary_emb
+        self.model.model.rotary_emb = type(rotary)(config=config).to(self.device)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            out = self.model(input_ids=tokens.to(self.device), use_cache=False).logits
+        return out[..., : self.vocab_size].float()
+
+
+def _hf_phase(config) -> str:
+    """rope, drope (every layer NoPE, e.g. an exported DroPE model) or layers."""
+    nope = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 = RoPE, 0 = NoPE
+    if nope is None:
+        return "rope"
+    return "rope" if all(nope) else "drope" if not any(nope) else "layers"
+
+
+def describe(backend) -> dict:
+    return {"path": str(backend.path), "train_length": backend.train_length, "phase": backend.phase,
+            "backend": type(backend).__name__}
+

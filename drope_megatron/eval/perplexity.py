@@ -1,0 +1,64 @@
+"""Perplexity by length on held-out long documents, with per-position loss curves.
+
+Every document is read from its start and must hold at least the longest length tested, so each
+length sees the same documents and no document is cut into unrelated pieces. The per-position
+curve (mean loss in position bins) shows where a model breaks past its training length.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from drope_megatron.config import ConfigError, DataConfig
+from drope_megatron.data.documents import documents
+from drope_megatron.data.tokenizer import Tokenizer
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def long_documents(paths: list[str], tokenizer: Tokenizer, min_tokens: int, limit: int,
+                   text_key: str = "text") -> list[list[int]]:
+    """The first `limit` documents (in file order) of at least `min_tokens` tokens, cut to that length."""
+    if not paths:
+        raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
+    formats = {FORMATS.get(Path(p).suffix, "text") for p in paths}
+    if len(formats) != 1:
+        raise ConfigError(f"--data mixes file formats ({', '.join(sorted(formats))}): pass files of one kind")
+    d = DataConfig(paths=list(paths), format=formats.pop(), text_key=text_key, shuffle=False)
+    found, longest = [], 0
+    for doc in documents(d, tokenizer, epoch=0, seed=0):
+        longest = max(longest, len(doc))
+        if len(doc) >= min_tokens:
+            found.append(list(doc[:min_tokens]))
+            if len(found) == limit:
+                break
+    if not found:
+        raise ConfigError(f"no document in {', '.join(paths)} has {min_tokens} tokens (the longest has {longest}): "
+                          "pass longer documents or test shorter lengths")
+    return found
+
+
+def token_losses(backend, tokens: list[int]) -> torch.Tensor:
+    """Next-token loss at positions 1..len-1 (nats), in fp32."""
+    ids = torch.tensor([tokens], dtype=torch.long)
+    logits = backend.logits(ids)[0, :-1]
+    return F.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="none").cpu()
+
+
+def perplexity(backend, docs: list[list[int]], length: int, bins: int = 32, progress: bool = False,
+               label: str = "") -> dict:
+    """Perplexity over the first `length` tokens of each document, and mean loss per position bin."""
+    total = torch.zeros(length - 1, dtype=torch.float64)
+    for doc in tqdm(docs, desc=f"ppl {label} {length}", disable=not progress, leave=False):
+        total += token_losses(backend, doc[:length]).double()
+    per_position = total / len(docs)
+    width = max(1, math.ceil((length - 1) / bins))
+    curve = [per_position[i:i + width].mean().item() for i in range(0, length - 1, width)]
+    mean = per_position.mean().item()
+    return {"ppl": math.exp(mean), "loss": mean, "documents": len(docs), "tokens": len(docs) * (length - 1),
+            "bin_width": width, "position_loss": curve}

@@ -1,0 +1,114 @@
+"""The evaluation report: `results.json` (every number), `report.md` (tables: rows are models and
+methods, columns are lengths) and PNG plots (perplexity vs length, per-position loss, retrieval
+accuracy by length and depth)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on clusters or CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def write(results: dict, out: Path) -> list[Path]:
+    """All report files into `out` (a folder being staged); returns the plots written."""
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    plots = []
+    if _has(results, "ppl"):
+        plots += [_ppl_plot(results, out / "ppl_vs_length.png"), _position_plot(results, out / "position_loss.png")]
+    for task in results["tasks"]:
+        if task != "ppl" and _has(results, task):
+            plots.append(_heatmap(results, task, out / f"retrieval_{task}.png"))
+    (out / "report.md").write_text(markdown(results, [p.name for p in plots]))
+    return plots
+
+
+def _has(results: dict, task: str) -> bool:
+    return any(task in row for row in results["rows"].values())
+
+
+def markdown(results: dict, plots: list[str]) -> str:
+    lengths = results["lengths"]
+    lines = ["# Long-context evaluation", ""]
+    for label, info in results["models"].items():
+        lines.append(f"- **{label}**: `{info['path']}` (phase {info['phase']}, trained at {info['train_length']} "
+                     f"tokens)")
+    for task in results["tasks"]:
+        if not _has(results, task):
+            continue
+        title = "Perplexity (lower is better)" if task == "ppl" else f"{task}: exact-match accuracy (%)"
+        lines += ["", f"## {title}", "", "| model | " + " | ".join(lengths) + " |",
+                  "|---|" + "---|" * len(lengths)]
+        for row, values in results["rows"].items():
+            cells = [_cell(task, values.get(task, {}).get(length)) for length in lengths]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    lines += [""] + [f"![{name}]({name})" for name in plots]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(task: str, value: dict | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value['ppl']:.2f}" if task == "ppl" else f"{100 * value['accuracy']:.0f}"
+
+
+def _ppl_plot(results: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for row, values in results["rows"].items():
+        points = [(v["length_tokens"], v["ppl"]) for v in values.get("ppl", {}).values()]
+        if points:
+            ax.plot(*zip(*sorted(points)), marker="o", label=row)
+    ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
+           title="Perplexity by length")
+    _finish(fig, ax, path)
+    return path
+
+
+def _position_plot(results: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row, values in results["rows"].items():
+        ppl = values.get("ppl", {})
+        if not ppl:
+            continue
+        longest = max(ppl.values(), key=lambda v: v["length_tokens"])
+        width = longest["bin_width"]
+        xs = [1 + i * width + width / 2 for i in range(len(longest["position_loss"]))]
+        ax.plot(xs, longest["position_loss"], label=row)
+    for info in results["models"].values():
+        ax.axvline(info["train_length"], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="position (tokens); dashed: training length", ylabel="mean loss (nats)",
+           title="Loss by position at the longest length")
+    _finish(fig, ax, path)
+    return path
+
+
+def _heatmap(results: dict, task: str, path: Path) -> Path:
+    rows = [(row, v[task]) for row, v in results["rows"].items() if task in v]
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), squeeze=False)
+    for ax, (row, by_length) in zip(axes[0], rows):
+        lengths = list(by_length)
+        depths = list(next(iter(by_length.values()))["by_depth"])
+        grid = [[by_length[length]["by_depth"][d] for length in lengths] for d in depths]
+        ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(depths)), depths)
+        ax.set(title=row, xlabel="length", ylabel="depth")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
+    fig.suptitle(f"{task}: exact-match accuracy (%)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _finish(fig, ax, path: Path) -> None:
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

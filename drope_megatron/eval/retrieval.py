@@ -1,0 +1,61 @@
+"""Retrieval scoring by exact match of the greedy answer.
+
+Greedy decoding reproduces the answer's tokens exactly when, fed the prompt and the answer, the
+model's argmax at every answer position is the answer's next token: generation and teacher
+forcing agree up to the first mistake. So one forward pass scores a sample exactly, instead of
+one pass per generated token; `generate` does real step-by-step decoding for showing outputs
+(and the test that checks the two agree).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from tqdm import tqdm
+
+from drope_megatron.eval.tasks import Sample, make_sample
+
+
+def score(backend, sample: Sample) -> tuple[bool, list[int]]:
+    """(greedy output equals the answer, the greedy tokens up to and including the first miss)."""
+    ids = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.long)
+    logits = backend.logits(ids)[0, len(sample.prompt) - 1:]
+    predicted = logits.argmax(-1).tolist()
+    for i, (p, a) in enumerate(zip(predicted, sample.answer)):
+        if p != a:
+            return False, predicted[:i + 1]
+    return True, predicted
+
+
+def generate(backend, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy decoding by full recomputation (no cache): exact at any TP, slow for long outputs."""
+    ids = list(prompt)
+    for _ in range(new_tokens):
+        logits = backend.logits(torch.tensor([ids], dtype=torch.long))
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def samples(task: str, tokenizer, length: int, depths: list[float], per_depth: int, seed: int) -> list[Sample]:
+    """The same prompts for every model and method: seeded by task, length and depth only."""
+    out = []
+    for depth in depths:
+        rng = random.Random(f"{seed}/{task}/{length}/{depth}")
+        out += [make_sample(task, tokenizer, length, depth, rng) for _ in range(per_depth)]
+    return out
+
+
+def evaluate(backend, task_samples: list[Sample], progress: bool = False, label: str = "") -> dict:
+    """Accuracy overall and per depth, plus the first sample's prediction for the report."""
+    by_depth: dict[float, list[bool]] = {}
+    example = None
+    for sample in tqdm(task_samples, desc=f"{label} {task_samples[0].task} {task_samples[0].length}",
+                       disable=not progress, leave=False):
+        ok, predicted = score(backend, sample)
+        by_depth.setdefault(sample.depth, []).append(ok)
+        if example is None:
+            example = {"answer": sample.answer_text, "predicted": backend.tokenizer.decode(predicted).strip()}
+    hits = [h for hs in by_depth.values() for h in hs]
+    return {"accuracy": sum(hits) / len(hits), "samples": len(hits),
+            "by_depth": {f"{d:g}": sum(hs) / len(hs) for d, hs in sorted(by_depth.items())}, "example": example}

@@ -1,0 +1,96 @@
+"""`drope eval`: every model x method x length x task, into one results dict and report folder.
+
+Models are Megatron checkpoints or Hugging Face folders. A RoPE model is evaluated as is and with
+each requested baseline (PI, NTK, YaRN) at every length; DroPE and per-layer models as they are.
+All models see the same documents and the same retrieval prompts (seeded by task, length, depth).
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import time
+from pathlib import Path
+
+from drope_megatron import atomic, distributed
+from drope_megatron.config import ConfigError, EvalConfig, ParallelConfig, parse_length
+from drope_megatron.eval import perplexity, report, retrieval, tasks
+from drope_megatron.eval.backends import describe, model_kind, open_backend
+
+
+def expand_tasks(names: list[str]) -> list[str]:
+    """ppl and retrieval task names in a stable order; "niah" means every RULER task."""
+    out = []
+    for name in names:
+        for task in tasks.NIAH if name == "niah" else (name,):
+            if task not in out:
+                out.append(task)
+    return out
+
+
+def parse_models(specs: list[str]) -> dict[str, Path]:
+    """`label=path` or `path` (labelled by its folder name), labels unique."""
+    models: dict[str, Path] = {}
+    for spec in specs:
+        label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        if label in models:
+            raise ConfigError(f"two models are labelled {label!r}: name them with label=path")
+        models[label] = Path(path)
+        model_kind(models[label])
+    return models
+
+
+def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = False, tp: int = 1,
+        dtype: str | None = None, progress: bool = True) -> dict | None:
+    """Evaluate, then write the report to `out` on rank 0; returns the results there (None elsewhere)."""
+    atomic.refuse_existing(out, overwrite)
+    names = expand_tasks(e.tasks)
+    results = {"lengths": list(e.lengths), "tasks": names, "seed": e.seed, "models": {}, "rows": {}, "seconds": {}}
+    with distributed.session(ParallelConfig(tensor_model_parallel_size=tp), e.seed) as env:
+        for label, path in models.items():
+            start = time.perf_counter()
+            backend = open_backend(path, dtype=dtype, tp=tp)
+            results["models"][label] = describe(backend)
+            results["rows"].update(_evaluate(backend, label, e, names, progress and env.rank == 0))
+            results["seconds"][label] = round(time.perf_counter() - start, 1)
+            del backend
+            gc.collect()
+        if env.rank != 0:
+            return None
+    _publish(results, out)
+    return results
+
+
+def _evaluate(backend, label: str, e: EvalConfig, names: list[str], progress: bool) -> dict[str, dict]:
+    lengths = {text: parse_length(text, backend.train_length, key="--lengths") for text in e.lengths}
+    methods = ["none", *e.baselines] if backend.phase == "rope" else ["none"]
+    docs = (perplexity.long_documents(e.data, backend.tokenizer, max(lengths.values()), e.documents, e.text_key)
+            if "ppl" in names else [])
+    prompts = {(task, text): retrieval.samples(task, backend.tokenizer, tokens, e.depths, e.samples, e.seed)
+               for task in names if task != "ppl" for text, tokens in lengths.items()}
+    rows: dict[str, dict] = {}
+    for method in methods:
+        row = rows.setdefault(label if method == "none" else f"{label}+{method}", {})
+        for text, tokens in lengths.items():
+            backend.use(method, tokens)
+            if docs:
+                value = perplexity.perplexity(backend, docs, tokens, progress=progress, label=label)
+                row.setdefault("ppl", {})[text] = {"length_tokens": tokens, **value}
+            for task in names:
+                if task != "ppl":
+                    value = retrieval.evaluate(backend, prompts[(task, text)], progress=progress, label=label)
+                    row.setdefault(task, {})[text] = {"length_tokens": tokens, **value}
+        backend.use("none", backend.train_length)
+    return rows
+
+
+def _publish(results: dict, out: Path) -> None:
+    staging = atomic.staging_dir(out)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        report.write(results, staging)
+        atomic.publish_dir(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,61 @@
+"""RoPE-scaling baselines as data: what rotary base and stretch each method uses at a target length.
+
+Each method maps (model base, head dim, training length, target length) to a rotary base and a
+`RopeScalingConfig` that the Megatron model applies with `set_rotary`, and to the equivalent
+transformers `rope_parameters` for Hugging Face models. The factor is always target / training
+length; at or below the training length every method is plain RoPE.
+
+- `pi`: position interpolation (transformers `linear`).
+- `ntk`: dynamic NTK (transformers `dynamic`), evaluated at the target length: the base grows to
+  base * (factor * L / L_train - (factor - 1)) ** (d / (d - 2)).
+- `yarn`: YaRN with beta_fast 32, beta_slow 1 and attention factor 0.1 ln(factor) + 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from drope_megatron.config import ConfigError, RopeScalingConfig
+
+BASELINES = ("pi", "ntk", "yarn")
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """The rotary set-up one method uses at one length."""
+
+    base: float
+    scaling: RopeScalingConfig
+
+
+def factor(train_length: int, length: int) -> float:
+    return max(1.0, length / train_length)
+
+
+def rotary_for(method: str, base: float, head_dim: int, train_length: int, length: int) -> Rotary:
+    """Rotary base and stretch of `method` ("none" or a baseline) at `length` tokens."""
+    s = factor(train_length, length)
+    if method == "none" or s == 1.0:
+        return Rotary(base, RopeScalingConfig())
+    if method == "pi":
+        return Rotary(base, RopeScalingConfig(type="linear", factor=s))
+    if method == "ntk":
+        grown = base * (s * length / train_length - (s - 1)) ** (head_dim / (head_dim - 2))
+        return Rotary(grown, RopeScalingConfig())
+    if method == "yarn":
+        return Rotary(base, RopeScalingConfig(type="yarn", factor=s, original_max_position_embeddings=train_length))
+    raise ConfigError(f"unknown baseline {method!r}: use one of {', '.join(BASELINES)}")
+
+
+def hf_rope_parameters(method: str, base: float, train_length: int, length: int) -> dict[str, Any]:
+    """transformers `rope_parameters` for the same method (the config's max_position_embeddings
+    must be the training length: dynamic NTK measures the stretch against it)."""
+    s = factor(train_length, length)
+    if method == "none" or s == 1.0:
+        return {"rope_type": "default", "rope_theta": base}
+    kind = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}[method]
+    params = {"rope_type": kind, "rope_theta": base, "factor": s}
+    if method == "yarn":
+        params.update(original_max_position_embeddings=train_length, beta_fast=32.0, beta_slow=1.0)
+    return params

@@ -1,0 +1,55 @@
+"""`drope eval` end to end through the real command line: report files, plots, bad input."""
+
+from __future__ import annotations
+
+import json
+
+from tests.eval.conftest import TRAIN_LENGTH
+from tests.helpers import drope
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_writes_json_table_and_plots(checkpoints, corpus, tmp_path):
+    out = tmp_path / "report"
+    proc = drope("eval", f"rope={checkpoints['rope']}", f"drope={checkpoints['drope']}", "--out", str(out),
+                 "--lengths", "1x,2x", "--tasks", "ppl,passkey,niah_single", "--baselines", "pi,ntk,yarn",
+                 "--data", str(corpus / "heldout.jsonl"), "--documents", "2", "--depths", "0,1", "--samples", "1",
+                 "--quiet", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["rows"]) == ["rope", "rope+pi", "rope+ntk", "rope+yarn", "drope"]
+    ppl = results["rows"]["rope"]["ppl"]
+    assert ppl["2x"]["length_tokens"] == 2 * TRAIN_LENGTH and ppl["1x"]["documents"] >= 1
+    assert len(ppl["2x"]["position_loss"]) * ppl["2x"]["bin_width"] >= 2 * TRAIN_LENGTH - 1
+    # At 1x every baseline is plain RoPE: identical numbers; past it they differ.
+    for method in ("pi", "ntk", "yarn"):
+        row = results["rows"][f"rope+{method}"]["ppl"]
+        assert row["1x"]["ppl"] == ppl["1x"]["ppl"] and row["2x"]["ppl"] != ppl["2x"]["ppl"]
+    assert results["rows"]["drope"]["ppl"]["1x"]["ppl"] != ppl["1x"]["ppl"]
+    passkey = results["rows"]["drope"]["passkey"]["2x"]
+    assert passkey["samples"] == 2 and set(passkey["by_depth"]) == {"0", "1"}
+    table = (out / "report.md").read_text()
+    assert "| rope+yarn |" in table and "## passkey" in table and "## niah_single" in table
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == ["position_loss.png", "ppl_vs_length.png", "retrieval_niah_single.png", "retrieval_passkey.png"]
+    assert all((out / p).read_bytes().startswith(PNG) and (out / p).stat().st_size > 5000 for p in plots)
+    assert "rope+ntk" in proc.stdout
+
+
+def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path):
+    out = tmp_path / "report"
+    cases = [
+        (["--tasks", "ppl"], "needs held-out documents"),
+        (["--tasks", "ppl", "--data", str(corpus / "valid.jsonl"), "--lengths", "64x"], "has 12288 tokens"),
+        (["--tasks", "summaries"], "eval.tasks has 'summaries'"),
+        (["--tasks", "passkey", "--baselines", "rope2"], "--baselines has 'rope2'"),
+        (["--tasks", "passkey", "--lengths", "two"], "neither a multiple"),
+    ]
+    for args, message in cases:
+        proc = drope("eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", *args, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-500:])
+        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-500:]
+        assert not out.exists() and not list(tmp_path.glob(".report*"))
+    proc = drope("eval", str(tmp_path), "--out", str(out), timeout=120)
+    assert proc.returncode == 2 and "neither a drope Megatron checkpoint nor a Hugging Face" in proc.stderr

@@ -1,0 +1,71 @@
+"""Retrieval prompts and scoring: one needle at the asked depth, prompts fitted to the length,
+and exact-match scoring that agrees with real greedy decoding."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from drope_megatron.config import ConfigError
+from drope_megatron.data.tokenizer import load_tokenizer
+from drope_megatron.eval import retrieval, tasks
+from drope_megatron.eval.backends import MegatronBackend
+from tests.eval.conftest import TRAIN_LENGTH
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    return load_tokenizer(corpus / "tokenizer.model")
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("length", [512, 2048])
+def test_prompt_fits_length_and_needles_appear_once(tokenizer, task, length):
+    for depth in (0.0, 0.3, 1.0):
+        sample = tasks.make_sample(task, tokenizer, length, depth, random.Random(1))
+        total = len(sample.prompt) + len(sample.answer)
+        assert length - 8 <= total <= length, total
+        text = tokenizer.decode(sample.prompt)
+        for needle in sample.needles:
+            assert text.count(needle) == 1, needle
+        assert tokenizer.decode(sample.answer).strip() == sample.answer_text
+
+
+@pytest.mark.parametrize("task", ["passkey", "niah_multikey", "vt"])
+@pytest.mark.parametrize("depth", [0.0, 0.25, 0.5, 0.75, 1.0])
+def test_queried_needle_sits_at_the_depth(tokenizer, task, depth):
+    sample = tasks.make_sample(task, tokenizer, 4096, depth, random.Random(2))
+    text = tokenizer.decode(sample.prompt)
+    start = text.index(tasks.FILLER[0])  # the haystack begins after the instruction
+    end = max(text.rindex(f) + len(f) for f in tasks.FILLER)
+    where = (text.index(sample.needles[0]) - start) / (end - start)
+    assert abs(where - depth) < 0.02, where
+
+
+def test_prompts_are_seeded(tokenizer):
+    a = retrieval.samples("niah_single", tokenizer, 512, [0.5], 2, seed=3)
+    b = retrieval.samples("niah_single", tokenizer, 512, [0.5], 2, seed=3)
+    c = retrieval.samples("niah_single", tokenizer, 512, [0.5], 2, seed=4)
+    assert [s.prompt for s in a] == [s.prompt for s in b] != [s.prompt for s in c]
+    assert a[0].prompt != a[1].prompt
+
+
+def test_bad_requests_fail_clearly(tokenizer):
+    with pytest.raises(ConfigError, match="cannot hold"):
+        tasks.make_sample("niah_multiquery", tokenizer, 40, 0.5, random.Random(0))
+    with pytest.raises(ConfigError, match="unknown retrieval task"):
+        tasks.make_sample("summarise", tokenizer, 512, 0.5, random.Random(0))
+
+
+def test_scoring_agrees_with_greedy_decoding(checkpoints):
+    backend = MegatronBackend(checkpoints["rope"], "float32", 1)
+    for seed in range(3):
+        sample = tasks.make_sample("passkey", backend.tokenizer, TRAIN_LENGTH, 0.5, random.Random(seed))
+        generated = retrieval.generate(backend, sample.prompt, 6)
+        right = tasks.Sample("passkey", TRAIN_LENGTH, 0.5, sample.prompt, generated, "")
+        assert retrieval.score(backend, right) == (True, generated)
+        wrong = tasks.Sample("passkey", TRAIN_LENGTH, 0.5, sample.prompt, generated[:3] + [(generated[3] + 1) % 900] +
+                             generated[4:], "")
+        ok, predicted = retrieval.score(backend, wrong)
+        assert not ok and predicted == generated[:4]
