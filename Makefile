@@ -6,7 +6,7 @@ STAMP := $(VENV)/.drope-installed
 # DeepSpeed: build no CUDA ops at install; at run time take its CPU accelerator when no GPU.
 export DS_BUILD_OPS ?= 0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-quick clean
 
 setup: $(STAMP)
 
@@ -18,10 +18,15 @@ $(STAMP): pyproject.toml requirements-cpu.txt tools/install_system_deps.sh
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/drope smoke recipes/demo-cpu.yaml --phases rope,drope,layers --steps 10
+	$(BIN)/drope demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
+
+# Every benchmark in its tiny --quick mode: proves the scripts run (ratios are not asserted).
+bench-quick: $(STAMP)
+	for b in forward_memory conversion zero_throughput train_throughput; do \
+		$(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 clean:
 	rm -rf $(VENV) .build

@@ -4,8 +4,12 @@ Each (backend, length) runs in a fresh process so peaks do not mix; memory is th
 process's peak RSS over its RSS just before the forward pass. Prints a table, then the ratios
 (megatron / SDPA) last.
 
-    python benchmarks/forward_memory.py            # 256 and 4096 tokens, 3 repeats
+    python benchmarks/forward_memory.py            # SDPA at 1k, 4k, 16k tokens; megatron at 1k, 4k
     python benchmarks/forward_memory.py --quick    # 64 and 256 tokens, a tiny model (CI)
+
+Megatron's attention is left out at 16k: its [heads, 16k, 16k] fp32 scores and their softmax
+copy alone would be about 10 GiB. Achieved GFLOP/s counts 2N per token for the matmuls plus
+the causal attention (2 x 2 x layers x L^2 x hidden / 2).
 """
 
 from __future__ import annotations
@@ -53,6 +57,12 @@ def measure(backend: str, length: int, repeats: int, overrides: list[str]) -> di
             "peak_rise_mib": max(0, peak - before) / 2**20, "threads": torch.get_num_threads()}
 
 
+def forward_flops(params: int, length: int, overrides: list[str]) -> float:
+    """2 FLOPs per parameter per token (embedding lookups counted too: an upper bound) plus causal attention."""
+    shape = {k.split("=")[0].split(".")[1]: int(k.split("=")[1]) for k in overrides}
+    return 2 * params * length + 2 * shape["num_layers"] * length**2 * shape["hidden_size"]
+
+
 def run_child(backend: str, length: int, repeats: int, quick: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", backend, str(length), str(repeats)] + (["--quick"] if quick else [])
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
@@ -70,15 +80,24 @@ def main() -> None:
         backend, length, repeats = args.child
         print(json.dumps(measure(backend, int(length), int(repeats), overrides)))
         return
-    lengths = [64, 256] if args.quick else [256, 4096]
-    rows = {(b, n): run_child(b, n, args.repeats, args.quick) for n in lengths for b in ("sdpa", "megatron")}
+    lengths = [64, 256] if args.quick else [1024, 4096, 16384]
+    megatron_max = 256 if args.quick else 4096
+    rows = {(b, n): run_child(b, n, args.repeats, args.quick) for n in lengths for b in ("sdpa", "megatron")
+            if b == "sdpa" or n <= megatron_max}
     first = next(iter(rows.values()))
     print(f"model: {first['params'] / 1e6:.1f}M params, batch 1, fp32, {first['threads']} threads, "
           f"best of {args.repeats}")
-    print(f"{'backend':>9} {'tokens':>7} {'forward s':>10} {'peak rise MiB':>14}")
+    print(f"{'backend':>9} {'tokens':>7} {'forward s':>10} {'peak rise MiB':>14} {'GFLOP/s':>8}")
     for (backend, n), r in rows.items():
-        print(f"{backend:>9} {n:>7} {r['seconds']:>10.4f} {r['peak_rise_mib']:>14.1f}")
+        flops = forward_flops(r["params"], n, overrides)
+        print(f"{backend:>9} {n:>7} {r['seconds']:>10.4f} {r['peak_rise_mib']:>14.1f} {flops / r['seconds'] / 1e9:>8.2f}")
+    for short, long in zip(lengths, lengths[1:]):
+        a, b = rows[("sdpa", short)], rows[("sdpa", long)]
+        print(f"ratio sdpa {long}/{short} tokens ({long // short}x longer): time {b['seconds'] / a['seconds']:.2f}x, "
+              f"peak memory rise {b['peak_rise_mib'] / max(a['peak_rise_mib'], 1.0):.2f}x")
     for n in lengths:
+        if ("megatron", n) not in rows:
+            continue
         sdpa, meg = rows[("sdpa", n)], rows[("megatron", n)]
         mem = meg["peak_rise_mib"] / max(sdpa["peak_rise_mib"], 1.0)
         print(f"ratio megatron/sdpa at {n} tokens: time {meg['seconds'] / sdpa['seconds']:.2f}x, "

@@ -142,6 +142,33 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from drope_megatron.demo.pipeline import Demo
+
+    demo = Demo(work=args.work, pretrain=args.pretrain, smoke=args.smoke, until=args.until, overrides=args.overrides)
+    if args.recipe:
+        demo.recipe = Path(args.recipe)
+    report = demo.run()
+    if report.is_file():
+        print(report.read_text(), end="")
+        print(f"[demo] done: {report}")
+    return 0
+
+
+def _add_demo_parser(sub) -> None:
+    p = sub.add_parser("demo", help="the whole story on a CPU: RoPE model, drop RoPE, recalibrate, evaluate, export",
+                       description="Run the embedded demo as resumable stages in --work (corpus, data, rope, drope, "
+                                   "eval, export, report); finished stages are reused.", epilog=EPILOG)
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the recalibration recipe")
+    p.add_argument("--work", type=Path, default=Path("runs/demo"), help="work folder (default runs/demo)")
+    p.add_argument("--recipe", help="recalibration + evaluation recipe (default recipes/demo-cpu.yaml)")
+    p.add_argument("--pretrain", action="store_true",
+                   help="pretrain the RoPE model here (recipes/demo-pretrain.yaml) instead of the shipped one")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes and a few steps: checks every stage runs")
+    p.add_argument("--until", default="report", help="stop after this stage")
+    p.set_defaults(func=cmd_demo)
+
+
 def _csv(text: str | None) -> list[str] | None:
     return None if text is None else [x.strip() for x in text.split(",") if x.strip()]
 
@@ -254,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=cmd_train)
     _add_convert_parsers(sub)
     _add_eval_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

@@ -56,4 +56,5 @@ def _indexed(d: DataConfig, epoch: int, seed: int) -> Iterator[np.ndarray]:
     order = np.random.default_rng(seed + epoch).permutation(len(index)) if d.shuffle else range(len(index))
     for k in order:
         i, j = index[k]
-        yield sets[i][j]
+        # A copy: the dataset's memory map closes with this generator, and views into it would not survive.
+        yield np.array(sets[i][j])

@@ -49,6 +49,8 @@ class MegatronBackend:
             path, ParallelConfig(tensor_model_parallel_size=tp), dtype=dtype, attention_backend="sdpa",
             gather_logits=True)
         self.model.eval()
+        if torch.cuda.is_available():  # loading builds on the host (use_cpu_initialization)
+            self.model.cuda()
         m = self.config
         self.train_length, self.phase, self.vocab_size = m.seq_length, m.phase, m.vocab_size
         self.device = next(self.model.parameters()).device

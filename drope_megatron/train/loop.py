@@ -39,6 +39,7 @@ def _model(recipe: Recipe, phase: str):
         m = recipe.model
         model = build_model(m, recipe.parallel)
     model.set_phase(phase, recipe.model.rope_layers or m.rope_layers)
+    m.phase = phase  # what this run trains (the checkpoint may have been saved in another phase)
     return model, m
 
 
@@ -122,17 +123,18 @@ def _source(recipe: Recipe) -> dict:
 def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress) -> dict:
     t = recipe.train
     gas = engine.gradient_accumulation_steps()
-    positions = torch.arange(m.seq_length).expand(t.micro_batch_size, m.seq_length)
+    device = engine.device
+    positions = torch.arange(m.seq_length, device=device).expand(t.micro_batch_size, m.seq_length)
     tokens_per_step = t.global_batch_size * m.seq_length
     bar = tqdm(total=t.steps, initial=step, disable=not show_progress, unit="step", desc=f"train ({m.phase})")
     ckpt_dir = run_dir / "checkpoints" if run_dir else None
     last: dict = {}
     while step < t.steps:
         start = time.perf_counter()
-        total = torch.zeros(())
+        total = torch.zeros((), device=device)
         grad_norm = None
         for _ in range(gas):
-            batch = stream.next_micro_batch()
+            batch = stream.next_micro_batch().to(device, non_blocking=True)
             loss = engine(batch[:, :-1], positions, None, labels=batch[:, 1:]).float().mean()
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
@@ -151,6 +153,7 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
         elapsed = time.perf_counter() - start
         last = {"loss": loss_value, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine, grad_norm),
                 "tokens_per_s": tokens_per_step / elapsed, "rss_gib": psutil.Process().memory_info().rss / 2**30,
+                **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
                 "data_position": stream.position}
         if step == 1:
             last.update(_partition_sizes(engine))

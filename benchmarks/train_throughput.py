@@ -1,0 +1,158 @@
+"""Recalibration throughput against the reference stack, and against the machine's matmul peak.
+
+Ours: `drope pretrain` (the megatron-core model in our DeepSpeed loop). Reference: transformers'
+`LlamaForCausalLM` of the same shape in a plain DeepSpeed loop, as the public reference code
+trains. Same batch, sequence, dtype (fp32 on CPU, bf16 on GPU), ZeRO stage, thread count and
+random-token data; each run in its own process. Achieved FLOP/s (6N + attention per token) is
+compared with a large matmul timed in the same run. Ratios print last.
+
+    python benchmarks/train_throughput.py           # 10M params, seq 256, ZeRO 0 and 3, 24 steps
+    python benchmarks/train_throughput.py --quick   # a tiny model, ZeRO 0, 4 steps (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+FULL = dict(layers=6, hidden=320, heads=5, ffn=896, vocab=8192, seq=256, micro=4, steps=24, stages=(0, 3))
+QUICK = dict(layers=2, hidden=64, heads=4, ffn=192, vocab=256, seq=32, micro=2, steps=4, stages=(0,))
+WARMUP = 2  # steps left out of the median
+
+
+def ours(shape: dict, stage: int, work: Path) -> float:
+    """Median tokens/s of `drope pretrain` on random tokens (a Megatron indexed dataset)."""
+    import numpy as np
+
+    from drope_megatron.data.indexed import write_indexed
+
+    data = work / "random"
+    if not Path(f"{data}.bin").is_file():
+        rng = np.random.default_rng(0)
+        write_indexed((rng.integers(0, shape["vocab"], 4096) for _ in range(64)), data, shape["vocab"])
+    run_dir = work / f"ours-z{stage}"
+    args = [f"model.num_layers={shape['layers']}", f"model.hidden_size={shape['hidden']}",
+            f"model.num_attention_heads={shape['heads']}", f"model.ffn_hidden_size={shape['ffn']}",
+            f"model.vocab_size={shape['vocab']}", f"model.seq_length={shape['seq']}",
+            "model.make_vocab_size_divisible_by=1", f"train.micro_batch_size={shape['micro']}",
+            f"train.global_batch_size={shape['micro']}", f"train.steps={shape['steps']}", f"train.zero_stage={stage}",
+            "train.log_interval=1", "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
+    subprocess.run([sys.executable, "-m", "drope_megatron.cli", "pretrain", *args, "--quiet"], check=True,
+                   cwd=ROOT, capture_output=True, text=True)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tokens_per_s"] for r in rows[WARMUP:] or rows)
+
+
+def reference(shape: dict, stage: int) -> dict:
+    """In a child: the HF model in a plain DeepSpeed loop; tokens/s, params and the matmul peak."""
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**shape, "stage": stage})], check=True,
+                         capture_output=True, text=True, cwd=ROOT).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _child(spec: dict) -> dict:
+    import deepspeed
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from drope_megatron.distributed import free_port
+
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    cfg = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
+                      num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                      max_position_embeddings=spec["seq"], tie_word_embeddings=False)
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    config = {"train_batch_size": spec["micro"], "train_micro_batch_size_per_gpu": spec["micro"],
+              "gradient_clipping": 1.0, "zero_optimization": {"stage": spec["stage"]},
+              "bf16": {"enabled": torch.cuda.is_available()}, "zero_allow_untested_optimizer": True,
+              "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10**9}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    gen = torch.Generator().manual_seed(0)
+    rates = []
+    for _ in range(spec["steps"]):
+        batch = torch.randint(0, spec["vocab"], (spec["micro"], spec["seq"] + 1), generator=gen)
+        start = time.perf_counter()
+        batch = batch.to(engine.device)
+        loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
+        engine.backward(loss)
+        engine.step()
+        loss.item()  # waits for the device, like our loop's logging
+        rates.append(spec["micro"] * spec["seq"] / (time.perf_counter() - start))
+    params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+    return {"tokens_per_s": statistics.median(rates[WARMUP:] or rates), "params": params,
+            "embedding": spec["vocab"] * spec["hidden"], "peak_flops": matmul_peak(),
+            "threads": torch.get_num_threads()}
+
+
+def matmul_peak() -> float:
+    """Best FLOP/s of a large square matmul in the training dtype (the physical limit here)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(n, n, dtype=dtype, device="cuda" if cuda else "cpu")
+    best = float("inf")
+    for _ in range(5):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ a
+        if cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def flops_per_token(shape: dict, params: int, embedding: int) -> float:
+    """6 x (all matmul parameters: everything but the input embedding) + causal attention."""
+    return 6 * (params - embedding) + 6 * shape["layers"] * shape["seq"] * shape["hidden"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return
+    shape = QUICK if args.quick else FULL
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in shape["stages"]:
+            ref = reference(shape, stage)
+            rows.append({"stage": stage, "ours": ours(shape, stage, Path(tmp)), **ref})
+    per_token = flops_per_token(shape, rows[0]["params"], rows[0]["embedding"])
+    print(f"model {rows[0]['params'] / 1e6:.2f}M params, seq {shape['seq']}, micro batch {shape['micro']}, "
+          f"{rows[0]['threads']} threads, {per_token / 1e6:.1f} MFLOP/token, matmul peak "
+          f"{rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(f"{'ZeRO':>4} {'ours tok/s':>11} {'reference tok/s':>16} {'ours % of peak':>15}")
+    for r in rows:
+        print(f"{r['stage']:>4} {r['ours']:>11.0f} {r['tokens_per_s']:>16.0f} "
+              f"{100 * r['ours'] * per_token / r['peak_flops']:>14.1f}%")
+    for r in rows:
+        print(f"ratio ours / reference, ZeRO {r['stage']}: {r['ours'] / r['tokens_per_s']:.2f}x "
+              f"(ours at {100 * r['ours'] * per_token / r['peak_flops']:.1f}% of the matmul peak, reference at "
+              f"{100 * r['tokens_per_s'] * per_token / r['peak_flops']:.1f}%)")
+
+
+if __name__ == "__main__":
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".build" / "torch_extensions"))
+    main()

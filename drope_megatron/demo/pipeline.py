@@ -1,0 +1,155 @@
+"""`drope demo`: the DroPE story end to end on a CPU, as resumable stages in one work folder.
+
+    corpus    offline prose + sentencepiece tokenizer            WORK/corpus
+    data      prose + retrieval mixture as indexed datasets      WORK/data
+    rope      the RoPE model: the shipped checkpoint converted   WORK/rope
+              (or, with --pretrain, recipes/demo-pretrain.yaml trained here)
+    drope     RoPE dropped, recalibrated at the same context     WORK/drope/final
+    eval      RoPE / PI / NTK / YaRN / DroPE at 1x-8x            WORK/eval
+    export    the DroPE model as a Hugging Face folder           WORK/drope-hf
+    report    WORK/report.md: stage times, tables, plots
+
+A stage whose output exists is reused, so a finished demo reruns in seconds and an interrupted
+one continues (training resumes from its last checkpoint). Every stage but the first two is the
+`drope` command a user would type, run as a child process; the report lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drope_megatron import atomic
+from drope_megatron.config import ConfigError
+from drope_megatron.data.corpus import build_corpus
+from drope_megatron.demo import mixture
+
+STAGES = ("corpus", "data", "rope", "drope", "eval", "export", "report")
+SHIPPED = Path(__file__).parent / "pretrained"
+ROOT = Path(__file__).resolve().parents[2]
+RETRIEVAL_SHARE = 0.3  # of training tokens; the rest is prose
+# Tiny sizes for tests: every stage runs, for a few steps and a handful of samples.
+SMOKE_RECAL = ["train.steps=3", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=4"]
+SMOKE_PRETRAIN = [*SMOKE_RECAL, "train.log_interval=1"]
+SMOKE_EVAL = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--documents", "1", "--samples", "1",
+              "--depths", "0,1"]
+
+
+@dataclass
+class Demo:
+    work: Path
+    recipe: Path = ROOT / "recipes" / "demo-cpu.yaml"
+    pretrain_recipe: Path = ROOT / "recipes" / "demo-pretrain.yaml"
+    pretrain: bool = False  # train the RoPE model here instead of converting the shipped one
+    smoke: bool = False
+    until: str = "report"
+    overrides: list[str] = field(default_factory=list)  # dotted keys for the recalibration recipe
+    log: dict = field(default_factory=lambda: {"seconds": {}, "commands": {}})  # per stage, kept across reruns
+
+    def run(self) -> Path:
+        if self.until not in STAGES:
+            raise ConfigError(f"--until {self.until!r}: use one of {', '.join(STAGES)}")
+        self.work.mkdir(parents=True, exist_ok=True)
+        log_path = self.work / "stages.json"
+        if log_path.is_file():
+            self.log = json.loads(log_path.read_text())
+        for stage in STAGES[: STAGES.index(self.until) + 1]:
+            done = self._done(stage)
+            print(f"[demo] {stage}: {'reused' if done else 'running'}", flush=True)
+            if not done:
+                self._stage = stage
+                self.log["commands"][stage] = []
+                start = time.perf_counter()
+                getattr(self, f"_{stage}")()
+                self.log["seconds"][stage] = round(time.perf_counter() - start, 1)
+                atomic.write_json(log_path, self.log)
+        return self.work / "report.md"
+
+    # Where each stage leaves its result; the stage is skipped when this exists.
+    def _output(self, stage: str) -> Path:
+        w = self.work
+        return {"corpus": w / "corpus" / "corpus.json", "data": w / "data" / "mixture.json",
+                "rope": w / "rope" / "drope_checkpoint.json", "drope": w / "drope" / "final" / "drope_checkpoint.json",
+                "eval": w / "eval" / "results.json", "export": w / "drope-hf" / "config.json",
+                "report": w / "report.md"}[stage]
+
+    def _done(self, stage: str) -> bool:
+        if stage == "report":  # cheap: always rewritten from what the other stages left
+            return False
+        if stage == "data":  # rebuilt when the corpus or the mixture settings changed
+            return mixture.is_built(self.work / "corpus", self._tokenizer(), self.work / "data", self._seq_length(),
+                                    RETRIEVAL_SHARE)
+        return self._output(stage).is_file()
+
+    def _corpus(self) -> None:
+        build_corpus(self.work / "corpus", vocab_size=self._vocab())
+
+    def _data(self) -> None:
+        mixture.build(self.work / "corpus", self._tokenizer(), self.work / "data", self._seq_length(), RETRIEVAL_SHARE,
+                      progress=True)
+
+    def _rope(self) -> None:
+        if not self.pretrain:
+            self._drope_cmd("convert", "hf-to-megatron", str(SHIPPED), str(self.work / "rope"), "--dtype",
+                            "float32", "--overwrite")
+            return
+        run_dir = self.work / "pretrain"
+        self._drope_cmd("pretrain", str(self.pretrain_recipe), *self._data_args(),
+                        f"data.tokenizer={self._tokenizer()}", f"train.save_dir={run_dir}",
+                        *(SMOKE_PRETRAIN if self.smoke else []))
+        self._drope_cmd("convert", "megatron-to-hf", str(run_dir / "final"), str(self.work / "rope-hf"),
+                        "--dtype", "bfloat16", "--overwrite", "--quiet")
+        self._drope_cmd("convert", "hf-to-megatron", str(self.work / "rope-hf"), str(self.work / "rope"),
+                        "--dtype", "float32", "--overwrite", "--quiet")
+
+    def _drope(self) -> None:
+        self._drope_cmd("recalibrate", str(self.recipe), *self._data_args(), f"train.init_from={self.work / 'rope'}",
+                        f"train.save_dir={self.work / 'drope'}", *(SMOKE_RECAL if self.smoke else []),
+                        *self.overrides)
+
+    def _eval(self) -> None:
+        self._drope_cmd("eval", f"RoPE={self.work / 'rope'}", f"DroPE={self.work / 'drope' / 'final'}",
+                        "--recipe", str(self.recipe), "--data", str(self.work / "corpus" / "heldout.jsonl"),
+                        "--out", str(self.work / "eval"), "--overwrite", *(SMOKE_EVAL if self.smoke else []))
+
+    def _export(self) -> None:
+        self._drope_cmd("convert", "megatron-to-hf", str(self.work / "drope" / "final"), str(self.work / "drope-hf"),
+                        "--overwrite", "--quiet")
+
+    def _report(self) -> None:
+        from drope_megatron.demo.summary import write_report
+
+        write_report(self.work, self.log, smoke=self.smoke, pretrained_here=self.pretrain)
+
+    def _data_args(self) -> list[str]:
+        d = self.work / "data"
+        # Recalibration takes the tokenizer of the checkpoint it starts from.
+        return [f"data.paths=[{d / 'prose'},{d / 'retrieval'}]", "data.format=megatron"]
+
+    def _tokenizer(self) -> Path:
+        """The RoPE model's tokenizer: the shipped one, or the corpus's when pretraining here."""
+        return self.work / "corpus" / "tokenizer.model" if self.pretrain else SHIPPED / "tokenizer.model"
+
+    def _drope_cmd(self, *args: str) -> None:
+        cmd = [sys.executable, "-m", "drope_megatron.cli", *args]
+        line = "drope " + " ".join(shlex.quote(a) for a in args)
+        self.log["commands"][self._stage].append(line)
+        print(f"[demo] $ {line}", flush=True)
+        if subprocess.run(cmd).returncode != 0:
+            raise ConfigError(f"demo stage failed: drope {args[0]} (see above); rerun the demo to continue from here")
+
+    def _recipe_model(self):
+        from drope_megatron.config import load_recipe
+
+        return load_recipe(str(self.recipe), list(self.overrides)).model
+
+    def _vocab(self) -> int:
+        return self._recipe_model().vocab_size
+
+    def _seq_length(self) -> int:
+        return self._recipe_model().seq_length

@@ -1,0 +1,45 @@
+"""Megatron indexed datasets: what the writer stores is what training reads back, and an empty
+input leaves no files behind."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+from drope_megatron.config import ConfigError, DataConfig
+from drope_megatron.data.documents import documents
+from drope_megatron.data.indexed import write_indexed
+from tests.helpers import run
+
+
+def test_round_trip_through_megatron_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    docs = [rng.integers(0, 5000, size=n).tolist() for n in (5, 300, 1, 77)]
+    info = write_indexed(docs, tmp_path / "set", vocab_size=5000)
+    assert info == {"documents": 4, "tokens": 383, "dtype": "uint16"}
+    read = list(documents(DataConfig(paths=[str(tmp_path / "set")], format="megatron", shuffle=False), None, 0, 0))
+    assert [r.tolist() for r in read] == docs
+    big = write_indexed([[70000, 1]], tmp_path / "wide", vocab_size=100_000)
+    assert big["dtype"] == "int32"
+
+
+def test_empty_input_writes_nothing(tmp_path):
+    with pytest.raises(ConfigError, match="input is empty"):
+        write_indexed([], tmp_path / "set", vocab_size=100)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_data_tool(tmp_path):
+    from tests.train.corpus import build
+
+    corpus = build(tmp_path / "c", docs=2, lines=120)
+    paths = corpus["paths"].strip("[]").split(",")
+    proc = run([sys.executable, "tools/prepare_data.py", "--input", *paths, "--tokenizer", corpus["tokenizer"],
+                "--out", str(tmp_path / "out" / "train")], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-1000:]
+    assert "2 documents" in proc.stdout and (tmp_path / "out" / "train.idx").is_file()
+    bad = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
+               corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "bad").exists()

@@ -1,0 +1,39 @@
+"""`drope demo --smoke`: every stage of the real pipeline at tiny sizes, then a rerun that reuses them."""
+
+from __future__ import annotations
+
+import json
+
+from tests.helpers import drope
+
+STAGES = ["corpus", "data", "rope", "drope", "eval", "export", "report"]
+
+
+def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
+    work = tmp_path / "demo"
+    proc = drope("demo", "--smoke", "--work", str(work), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in STAGES:
+        assert f"[demo] {stage}: running" in proc.stdout
+    log = json.loads((work / "stages.json").read_text())
+    assert list(log["seconds"]) == STAGES
+    results = json.loads((work / "eval" / "results.json").read_text())
+    assert list(results["rows"]) == ["RoPE", "RoPE+pi", "RoPE+ntk", "RoPE+yarn", "DroPE"]
+    assert results["models"]["DroPE"]["phase"] == "drope" and results["models"]["RoPE"]["train_length"] == 256
+    report = (work / "report.md").read_text()
+    assert "| DroPE |" in report and "Smoke run" in report and "drope recalibrate" in report
+    assert "passkey at 2x: DroPE" in report
+    for plot in ("ppl_vs_length.png", "position_loss.png", "retrieval_passkey.png"):
+        assert (work / "eval" / plot).read_bytes().startswith(b"\x89PNG") and f"eval/{plot}" in report
+    config = json.loads((work / "drope-hf" / "config.json").read_text())
+    assert config["architectures"] == ["SmolLM3ForCausalLM"] and not any(config["no_rope_layers"])
+    trained = json.loads((work / "drope" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert trained["step"] == 3
+
+    again = drope("demo", "--smoke", "--work", str(work), timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    for stage in STAGES[:-1]:
+        assert f"[demo] {stage}: reused" in again.stdout
+    assert "$ drope" not in again.stdout  # nothing was rerun
+    assert json.loads((work / "stages.json").read_text())["seconds"] == log["seconds"] | {
+        "report": json.loads((work / "stages.json").read_text())["seconds"]["report"]}

@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Tokenise text/json/parquet files once into a Megatron indexed dataset (.bin/.idx) for training.
+
+    python tools/prepare_data.py --input data/train.jsonl --tokenizer tok.model --out data/train
+    # then: drope pretrain RECIPE data.format=megatron data.paths=[data/train]
+
+Documents keep their file order (training shuffles them per epoch) and end with the tokenizer's EOS.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from drope_megatron.config import ConfigError, DataConfig
+from drope_megatron.data.documents import documents
+from drope_megatron.data.indexed import write_indexed
+from drope_megatron.data.tokenizer import load_tokenizer
+
+FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--input", nargs="+", required=True, help="text, json/jsonl or parquet files (one kind)")
+    p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder or sentencepiece .model")
+    p.add_argument("--out", required=True, type=Path, help="output prefix: writes OUT.bin, OUT.idx, OUT.json")
+    p.add_argument("--text-key", default="text", help="text column of json/parquet input")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        kinds = {FORMATS.get(Path(f).suffix, "text") for f in args.input}
+        if len(kinds) != 1:
+            raise ConfigError(f"--input mixes file kinds ({', '.join(sorted(kinds))}): prepare each kind separately")
+        tok = load_tokenizer(args.tokenizer)
+        d = DataConfig(paths=args.input, format=kinds.pop(), text_key=args.text_key, shuffle=False)
+        info = write_indexed(documents(d, tok, epoch=0, seed=0), args.out, tok.vocab_size)
+    except ConfigError as exc:
+        print(f"prepare_data: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}.bin/.idx: {info['documents']} documents, {info['tokens']:,} tokens ({info['dtype']}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
