@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 FULL = dict(layers=6, hidden=320, heads=5, ffn=896, vocab=8192, seq=256, micro=4, steps=24, stages=(0, 3))
 QUICK = dict(layers=2, hidden=64, heads=4, ffn=192, vocab=256, seq=32, micro=2, steps=4, stages=(0,))
-WARMUP = 2  # steps left out of the median
+# Throughput is the mean over steps 2..N (the first step warms up), measured by each loop's own clock:
+# ours from the wall times of its JSONL lines at steps 1 and N (logging only those, as a real run
+# logs rarely), the reference around the same steps.
 
 
 def ours(shape: dict, stage: int, work: Path) -> float:
@@ -46,11 +47,11 @@ def ours(shape: dict, stage: int, work: Path) -> float:
             f"model.vocab_size={shape['vocab']}", f"model.seq_length={shape['seq']}",
             "model.make_vocab_size_divisible_by=1", f"train.micro_batch_size={shape['micro']}",
             f"train.global_batch_size={shape['micro']}", f"train.steps={shape['steps']}", f"train.zero_stage={stage}",
-            "train.log_interval=1", "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
+            f"train.log_interval={shape['steps']}", "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
     subprocess.run([sys.executable, "-m", "drope_megatron.cli", "pretrain", *args, "--quiet"], check=True,
                    cwd=ROOT, capture_output=True, text=True)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tokens_per_s"] for r in rows[WARMUP:] or rows)
+    first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return (last["step"] - first["step"]) * shape["micro"] * shape["seq"] / (last["time"] - first["time"])
 
 
 def reference(shape: dict, stage: int) -> dict:
@@ -80,18 +81,17 @@ def _child(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     gen = torch.Generator().manual_seed(0)
-    rates = []
-    for _ in range(spec["steps"]):
-        batch = torch.randint(0, spec["vocab"], (spec["micro"], spec["seq"] + 1), generator=gen)
-        start = time.perf_counter()
-        batch = batch.to(engine.device)
+    for step in range(spec["steps"]):
+        if step == 1:
+            start = time.perf_counter()
+        batch = torch.randint(0, spec["vocab"], (spec["micro"], spec["seq"] + 1), generator=gen).to(engine.device)
         loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
         engine.backward(loss)
         engine.step()
         loss.item()  # waits for the device, like our loop's logging
-        rates.append(spec["micro"] * spec["seq"] / (time.perf_counter() - start))
+    rate = (spec["steps"] - 1) * spec["micro"] * spec["seq"] / (time.perf_counter() - start)
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-    return {"tokens_per_s": statistics.median(rates[WARMUP:] or rates), "params": params,
+    return {"tokens_per_s": rate, "params": params,
             "embedding": spec["vocab"] * spec["hidden"], "peak_flops": matmul_peak(),
             "threads": torch.get_num_threads()}
 
@@ -123,12 +123,15 @@ def flops_per_token(shape: dict, params: int, embedding: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--stages", help="comma-separated ZeRO stages (default 0,3; quick: 0)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
-    shape = QUICK if args.quick else FULL
+    shape = dict(QUICK if args.quick else FULL)
+    if args.stages:
+        shape["stages"] = tuple(int(x) for x in args.stages.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for stage in shape["stages"]:

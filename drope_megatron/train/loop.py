@@ -133,11 +133,12 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
         start = time.perf_counter()
         total = torch.zeros((), device=device)
         grad_norm = None
+        logged = _logged(step + 1, t)
         for _ in range(gas):
             batch = stream.next_micro_batch().to(device, non_blocking=True)
             loss = engine(batch[:, :-1], positions, None, labels=batch[:, 1:]).float().mean()
             engine.backward(loss)
-            if engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
+            if logged and engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
                 # ZeRO-0 clips without reporting the norm; measure it the way DeepSpeed clips (TP-aware).
                 grad_norm = clip_grad_norm_(list(engine.module.parameters()), max_norm=float("inf"),
                                             mpu=ds_engine.MegatronMPU())
@@ -157,7 +158,7 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
                 "data_position": stream.position}
         if step == 1:
             last.update(_partition_sizes(engine))
-        if step % t.log_interval == 0 or step == t.steps or step == 1:
+        if _logged(step, t):
             log.log(step, last)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update()
@@ -165,6 +166,10 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
             checkpointing.save(engine, ckpt_dir, step, stream.position, layout, t.keep_last)
     bar.close()
     return {"step": step, **last}
+
+
+def _logged(step: int, t) -> bool:
+    return step % t.log_interval == 0 or step == t.steps or step == 1
 
 
 def _partition_sizes(engine) -> dict[str, int]:

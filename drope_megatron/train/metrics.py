@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ class MetricsLog:
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if self.file is not None:
-            self.file.write(json.dumps({"step": step, **values}) + "\n")
+            self.file.write(json.dumps({"step": step, "time": round(time.time(), 3), **values}) + "\n")
             self.file.flush()
         if self.board is not None:
             for key, value in values.items():
