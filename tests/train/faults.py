@@ -69,3 +69,22 @@ def kill_all(proc: subprocess.Popen) -> None:
     except ProcessLookupError:
         pass
     proc.communicate()
+
+
+def kill_during_checkpoint_write(ckpt_dir: Path, proc: subprocess.Popen, marker: str,
+                                 timeout: float = 180) -> str | None:
+    """SIGKILL the job the moment a checkpoint folder has files but not yet its completion `marker`.
+
+    Returns the tag killed mid-write, or None when the write finished between seeing it and the kill
+    (then the caller starts the job again and retries)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for folder in ckpt_dir.glob("step*") if ckpt_dir.is_dir() else []:
+            if not (folder / marker).exists() and any(folder.rglob("*.pt")):
+                kill_all(proc)
+                return None if (folder / marker).exists() else folder.name
+        if proc.poll() is not None:
+            raise AssertionError(f"job ended (rc {proc.returncode}) before a checkpoint write was caught")
+        time.sleep(0.001)
+    kill_all(proc)
+    raise AssertionError(f"no checkpoint write seen in {timeout} s")

@@ -2,11 +2,11 @@
 the same command resumes from the last checkpoint with the uninterrupted run's losses."""
 
 import os
-import shutil
 import signal
 
 import pytest
 
+from drope_megatron.train.checkpointing import STATE
 from tests.helpers import ROOT, torchrun
 from tests.train import corpus as corpus_lib
 from tests.train import faults
@@ -60,18 +60,24 @@ def test_lost_rank_ends_job_and_rerun_resumes(corpus, tmp_path, uninterrupted, s
     assert losses(run_dir)[0] == pytest.approx(uninterrupted, rel=1e-5, abs=1e-5)
 
 
-def test_partial_checkpoint_is_never_loaded(corpus, tmp_path, uninterrupted):
+def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
-    run(corpus, run_dir, "train.steps=6", "train.save_interval=3")
     ckpts = run_dir / "checkpoints"
-    # what a crash during the write of step 9 leaves: files, but no state and `latest` unmoved
-    shutil.copytree(ckpts / "step00000006", ckpts / "step00000009")
-    (ckpts / "step00000009" / "drope_state.json").unlink()
-    for f in (ckpts / "step00000009").rglob("*.pt"):
-        f.write_bytes(f.read_bytes()[:100])
-    assert (ckpts / "latest").read_text().strip() == "step00000006"
-    run(corpus, run_dir, *STEPS)
-    assert losses(run_dir)[0][:12] == pytest.approx(uninterrupted, rel=1e-6, abs=1e-6)
+    for _ in range(3):  # the kill can land just after a write completes: start again and retry
+        proc = faults.start(job_args(corpus, run_dir, "train.save_interval=1"))
+        faults.wait_for_step(run_dir, 3, proc)  # a complete checkpoint exists before the one hit
+        killed = faults.kill_during_checkpoint_write(ckpts, proc, STATE)
+        if killed:
+            break
+    assert killed, "never caught a checkpoint mid-write"
+    latest = (ckpts / "latest").read_text().strip()
+    assert latest < killed and (ckpts / latest / STATE).is_file() and not (ckpts / killed / STATE).exists()
+    run(corpus, run_dir, *STEPS)  # loads `latest`, rewrites the half-written one
+    values, rows = losses(run_dir)
+    steps = [r["step"] for r in rows]
+    restart = max(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])  # the last (re)start
+    assert steps[restart] == int(latest[4:]) + 1  # resumed from the previous checkpoint, not from scratch
+    assert values == pytest.approx(uninterrupted, rel=1e-6, abs=1e-6)
 
 
 def test_resume_at_another_world_size_is_refused(corpus, tmp_path):
