@@ -81,16 +81,12 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
     return dst
 
 
-def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
-               attention_backend: str | None = None, **build_kwargs):
-    """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
-    (cast to `dtype` when given, e.g. float32 for verification; `attention_backend` overrides the
-    stored one, e.g. sdpa for long sequences). `add_qk_norm` gives a checkpoint
-    without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant)."""
-    from megatron.core import dist_checkpointing
+NEW_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # the QK-norm variant's weights, absent from a plain checkpoint
 
-    from drope_megatron.model import build_model
 
+def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
+            attention_backend: str | None = None) -> tuple[ModelConfig, bool, Path]:
+    """The model config to build for loading `path` at this TP/PP, whether q/k norms are new, the weights folder."""
     m = model_config(path)
     if dtype is not None:
         m.params_dtype = dtype
@@ -103,19 +99,38 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
                               "replaces them and cannot start from it")
         m.qk_norm = True
     validate(Recipe(model=m, parallel=p))
-    model = build_model(m, p, initialize=False, **build_kwargs)
     weights = Path(path) / "weights"
     if not (weights / "metadata.json").is_file():
         raise ConfigError(f"{weights} is missing or incomplete: the checkpoint is damaged")
-    request = model.sharded_state_dict()
-    if new_norms:  # not in the checkpoint: they keep their initial value of 1
-        request = {k: v for k, v in request.items() if not k.endswith(("q_layernorm.weight", "k_layernorm.weight"))}
+    return m, new_norms, weights
+
+
+def load_sharded(request: dict, weights: Path, whole: bool = True) -> dict:
+    """megatron-core's dist-checkpoint load, with a one-line error for a checkpoint that does not match.
+    `whole=False` allows requesting part of a tensor (one layer of a stacked layer tensor)."""
+    from megatron.core import dist_checkpointing
+
     try:
-        state = dist_checkpointing.load(request, str(weights))
+        return dist_checkpointing.load(request, str(weights), validate_access_integrity=whole)
     except dist_checkpointing.core.CheckpointingException as exc:
         raise ConfigError(f"{weights} does not match its metadata ({str(exc).splitlines()[0][:200]})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    allowed = ("q_layernorm.weight", "k_layernorm.weight") if new_norms else ()
+
+
+def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
+               attention_backend: str | None = None, **build_kwargs):
+    """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
+    (cast to `dtype` when given, e.g. float32 for verification; `attention_backend` overrides the
+    stored one, e.g. sdpa for long sequences). `add_qk_norm` gives a checkpoint
+    without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant)."""
+    from drope_megatron.model import build_model
+
+    m, new_norms, weights = prepare(path, p, dtype, add_qk_norm, attention_backend)
+    model = build_model(m, p, initialize=False, **build_kwargs)
+    request = model.sharded_state_dict()
+    if new_norms:  # not in the checkpoint: they keep their initial value of 1
+        request = {k: v for k, v in request.items() if not k.endswith(NEW_NORMS)}
+    missing, unexpected = model.load_state_dict(load_sharded(request, weights), strict=False)
+    allowed = NEW_NORMS if new_norms else ()
     bad = [k for k in missing if not k.endswith(allowed) and not k.endswith("_extra_state")] + list(unexpected)
     if bad:
         raise ConfigError(f"{weights} does not fit the model: e.g. {bad[0]}")

@@ -36,6 +36,7 @@ RETRIEVAL_SHARE = 0.3  # of training tokens; the rest is prose
 # Tiny sizes for tests: every stage runs, for a few steps and a handful of samples.
 SMOKE_RECAL = ["train.steps=3", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=4"]
 SMOKE_PRETRAIN = [*SMOKE_RECAL, "train.log_interval=1"]
+SMOKE_CORPUS_CHARS = 300_000  # a slice of the corpus: seconds to build and tokenise
 SMOKE_EVAL = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--documents", "1", "--samples", "1",
               "--depths", "0,1"]
 
@@ -87,7 +88,8 @@ class Demo:
         return self._output(stage).is_file()
 
     def _corpus(self) -> None:
-        build_corpus(self.work / "corpus", vocab_size=self._vocab())
+        cap = SMOKE_CORPUS_CHARS if self.smoke else None
+        build_corpus(self.work / "corpus", vocab_size=self._vocab(), max_chars=cap)
 
     def _data(self) -> None:
         mixture.build(self.work / "corpus", self._tokenizer(), self.work / "data", self._seq_length(), RETRIEVAL_SHARE,

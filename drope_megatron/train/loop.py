@@ -25,16 +25,22 @@ from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
 from drope_megatron.train import checkpointing, engine as ds_engine
 from drope_megatron.train.metrics import MetricsLog
+from drope_megatron.train.zero3 import load_partitioned
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _model(recipe: Recipe, phase: str):
-    """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised."""
-    if recipe.train.init_from:  # the checkpoint's architecture; the recipe adds the phase and QK-norm
-        model, m = checkpoint.load_model(recipe.train.init_from, recipe.parallel, add_qk_norm=recipe.model.qk_norm)
+def _model(recipe: Recipe, phase: str, dp: int):
+    """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised.
+    Under ZeRO-3 the checkpoint is loaded straight into partitioned parameters."""
+    init = recipe.train.init_from
+    ds_config = ds_engine.deepspeed_config(recipe.train, dp)
+    if init and ds_config["zero_optimization"].get("stage") == 3:
+        model, m = load_partitioned(init, recipe.parallel, ds_config, add_qk_norm=recipe.model.qk_norm)
+    elif init:  # the checkpoint's architecture; the recipe adds the phase and QK-norm
+        model, m = checkpoint.load_model(init, recipe.parallel, add_qk_norm=recipe.model.qk_norm)
     else:
         m = recipe.model
         model = build_model(m, recipe.parallel)
@@ -67,7 +73,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         raise ConfigError("data.paths is empty: list the training files (or a Megatron dataset prefix)")
     with distributed.session(p, t.seed) as env:
         dp = parallel_state.get_data_parallel_world_size()
-        model, m = _model(recipe, phase)
+        model, m = _model(recipe, phase, dp)
         tok = _tokenizer(recipe, m)
         engine, _ = ds_engine.initialize(model, t, dp)
         run_dir = Path(t.save_dir) if t.save_dir else None

@@ -1,0 +1,40 @@
+"""Under torchrun: load a Megatron checkpoint into a ZeRO-3 partitioned model and compare every
+parameter (gathered) with an unpartitioned load; rank 0 writes what it found to OUT."""
+
+import json
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+
+from drope_megatron import checkpoint, distributed
+from drope_megatron.config import ParallelConfig, TrainConfig
+from drope_megatron.train.engine import deepspeed_config
+from drope_megatron.train.zero3 import load_partitioned
+
+
+def main(ckpt: Path, out: Path) -> None:
+    env = distributed.initialize(ParallelConfig())
+    config = deepspeed_config(TrainConfig(zero_stage=3, micro_batch_size=1, global_batch_size=env.world_size),
+                              env.world_size)
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny parameters
+    model, _ = load_partitioned(ckpt, ParallelConfig(), config)
+    reference, _ = checkpoint.load_model(ckpt, ParallelConfig())
+    full = dict(reference.named_parameters())
+    local = total = 0
+    worst = 0.0
+    for name, param in model.named_parameters():
+        local += param.ds_tensor.numel()
+        total += param.ds_numel
+        with deepspeed.zero.GatheredParameters([param]):
+            worst = max(worst, (param.data - full[name].data).abs().max().item())
+    if env.rank == 0:
+        out.write_text(json.dumps({"local": local, "total": total, "max_abs_diff": worst,
+                                   "names": len(full), "world_size": env.world_size}))
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    main(Path(sys.argv[1]), Path(sys.argv[2]))
