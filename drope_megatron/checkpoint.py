@@ -50,11 +50,12 @@ def model_config(path: str | Path) -> ModelConfig:
 
 
 def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = None,
-         tokenizer: Path | None = None) -> Path:
+         tokenizer: Path | None = None, sharded: dict | None = None) -> Path:
     """Collective over all ranks: write the model's shards, metadata and tokenizer, then publish.
 
     `extra` adds top-level metadata (e.g. `source`, the Hugging Face origin, kept across saves);
-    `tokenizer` (a tokenizer folder or a sentencepiece .model file) is copied into `tokenizer/`."""
+    `tokenizer` (a tokenizer folder or a sentencepiece .model file) is copied into `tokenizer/`;
+    `sharded` replaces `model.sharded_state_dict()` (ZeRO-3 saves its own pieces)."""
     from megatron.core import dist_checkpointing  # here, so metadata readers import nothing heavy
 
     dst = Path(dst)
@@ -65,7 +66,7 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
         (tmp / "weights").mkdir(parents=True)
     _barrier()
     try:
-        dist_checkpointing.save(model.sharded_state_dict(), str(tmp / "weights"))
+        dist_checkpointing.save(sharded if sharded is not None else model.sharded_state_dict(), str(tmp / "weights"))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

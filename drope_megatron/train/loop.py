@@ -25,7 +25,7 @@ from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
 from drope_megatron.train import checkpointing, engine as ds_engine
 from drope_megatron.train.metrics import MetricsLog
-from drope_megatron.train.zero3 import load_partitioned
+from drope_megatron.train.zero3 import load_partitioned, sharded_for_save
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,7 +86,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         try:
             last = _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress and env.rank == 0)
             if run_dir is not None:
-                _save_final(engine, m, run_dir / "final", _source(recipe), Path(tok.source) if tok else None)
+                _save_final(engine, m, p, run_dir / "final", _source(recipe), Path(tok.source) if tok else None)
                 if t.export_hf and env.rank == 0:
                     _export_hf(run_dir / "final", Path(t.export_hf))
         finally:
@@ -94,17 +94,11 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
     return {**last, "rank": env.rank}
 
 
-def _save_final(engine, m: ModelConfig, dst: Path, extra: dict, tokenizer: Path | None) -> None:
-    """The trained model as a Megatron checkpoint; under ZeRO-3 each parameter is gathered for it."""
-    import contextlib
-
-    import deepspeed
-
-    params = list(engine.module.parameters())
-    full = deepspeed.zero.GatheredParameters(params) if engine.zero_optimization_stage() == 3 \
-        else contextlib.nullcontext()
-    with full:
-        checkpoint.save(engine.module, m, dst, extra=extra, tokenizer=tokenizer)
+def _save_final(engine, m: ModelConfig, p, dst: Path, extra: dict, tokenizer: Path | None) -> None:
+    """The trained model as a Megatron checkpoint; under ZeRO-3 each rank writes 1/dp of the parameters,
+    gathered one at a time."""
+    sharded = sharded_for_save(engine.module, m, p) if engine.zero_optimization_stage() == 3 else None
+    checkpoint.save(engine.module, m, dst, extra=extra, tokenizer=tokenizer, sharded=sharded)
 
 
 def _export_hf(final: Path, dst: Path) -> None:

@@ -1,10 +1,12 @@
-"""Start ZeRO-3 training from a Megatron checkpoint without any rank holding the whole model.
+"""ZeRO-3 models in and out of Megatron checkpoints without any rank holding the whole model.
 
-The model is built already partitioned (`deepspeed.zero.Init`: each data-parallel rank keeps
-1/dp of every parameter), then the dist checkpoint is read one parameter at a time: the
+Loading: the model is built already partitioned (`deepspeed.zero.Init`: each data-parallel rank
+keeps 1/dp of every parameter), then the dist checkpoint is read one parameter at a time: the
 parameter is gathered, filled from the checkpoint, and partitioned again from rank 0's copy.
-At any moment a rank holds its partitions plus one full parameter (of its TP shard). The
-checkpoint keys come from a copy of the model built on the meta device, which costs no memory.
+Saving: parameters are dealt out round-robin to the data-parallel ranks; each is gathered in
+turn and kept only by its rank, which writes it as the main replica. A rank holds its
+partitions, one gathered parameter, and 1/dp of the whole parameters. The checkpoint keys come
+from a copy of the model built on the meta device, which costs no memory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,30 @@ def load_partitioned(path: str | Path, p: ParallelConfig, ds_config: dict, add_q
             spec.data = torch.empty_like(param.data)
             param.data.copy_(checkpoint.load_sharded({name: spec}, weights, whole=False)[name])
     return model, m
+
+
+def sharded_for_save(model, m: ModelConfig, p: ParallelConfig) -> dict:
+    """This rank's share of the whole parameters, as the sharded state dict `checkpoint.save` writes."""
+    import dataclasses
+
+    import deepspeed
+
+    keys = _checkpoint_keys(m, p)
+    rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+    params = dict(model.named_parameters())
+    # Non-parameter entries (layers' `_extra_state` objects) as the model describes them.
+    mine = {key: spec for key, spec in keys.items() if key not in params}
+    for i, (name, param) in enumerate(params.items()):
+        with deepspeed.zero.GatheredParameters([param]):
+            if i % size == rank:
+                spec = keys[name]
+                # replica_id is (pipeline, tensor, data) rank: this rank is the one writer of the piece
+                replica = (*spec.replica_id[:-1], 0) if isinstance(spec.replica_id, tuple) else 0
+                changes = {"data": param.data.detach().clone(), "replica_id": replica}
+                if hasattr(spec, "dtype"):  # a ShardedTensor; a factory (fused SwiGLU) takes the data's
+                    changes["dtype"] = param.dtype
+                mine[name] = dataclasses.replace(spec, **changes)
+    return mine
 
 
 def _checkpoint_keys(m: ModelConfig, p: ParallelConfig) -> dict:

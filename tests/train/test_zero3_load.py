@@ -1,12 +1,15 @@
-"""ZeRO-3 from a checkpoint: parameters arrive partitioned (about half per rank on two ranks) and,
-gathered, equal an unpartitioned load of the same checkpoint."""
+"""ZeRO-3 and Megatron checkpoints: parameters arrive partitioned (about half per rank on two
+ranks) and, gathered, equal an unpartitioned load; saved back from the partitions, the checkpoint
+holds the same weights."""
 
 import json
+
+import torch
 
 from tests.helpers import ROOT, tiny_recipe, torchrun
 
 
-def test_checkpoint_loads_into_partitioned_model(megatron_world, tmp_path):
+def test_checkpoint_round_trip_through_partitioned_model(megatron_world, tmp_path):
     from drope_megatron import checkpoint
     from drope_megatron.model import build_model
 
@@ -19,3 +22,9 @@ def test_checkpoint_loads_into_partitioned_model(megatron_world, tmp_path):
     found = json.loads(out.read_text())
     assert found["max_abs_diff"] == 0.0 and found["world_size"] == 2
     assert 0.45 < found["local"] / found["total"] < 0.55, found
+    # Saved back from the partitions (each rank writing half the parameters): the same weights.
+    original, _ = checkpoint.load_model(ckpt, recipe.parallel)
+    saved, _ = checkpoint.load_model(tmp_path / "saved", recipe.parallel)
+    theirs = dict(saved.named_parameters())
+    for name, param in original.named_parameters():
+        assert torch.equal(param, theirs[name]), name

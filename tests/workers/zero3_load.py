@@ -1,5 +1,6 @@
 """Under torchrun: load a Megatron checkpoint into a ZeRO-3 partitioned model and compare every
-parameter (gathered) with an unpartitioned load; rank 0 writes what it found to OUT."""
+parameter (gathered) with an unpartitioned load; save it back from the partitions to OUT's
+sibling `saved`; rank 0 writes what it found to OUT."""
 
 import json
 import sys
@@ -11,7 +12,7 @@ import torch
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ParallelConfig, TrainConfig
 from drope_megatron.train.engine import deepspeed_config
-from drope_megatron.train.zero3 import load_partitioned
+from drope_megatron.train.zero3 import load_partitioned, sharded_for_save
 
 
 def main(ckpt: Path, out: Path) -> None:
@@ -29,6 +30,8 @@ def main(ckpt: Path, out: Path) -> None:
         total += param.ds_numel
         with deepspeed.zero.GatheredParameters([param]):
             worst = max(worst, (param.data - full[name].data).abs().max().item())
+    checkpoint.save(model, checkpoint.model_config(ckpt), out.with_name("saved"), sharded=sharded_for_save(
+        model, checkpoint.model_config(ckpt), ParallelConfig()))
     if env.rank == 0:
         out.write_text(json.dumps({"local": local, "total": total, "max_abs_diff": worst,
                                    "names": len(full), "world_size": env.world_size}))
