@@ -3,7 +3,8 @@
 Rooms: `config` (typed recipes), `distributed` (launchers, process groups), `compat`
 (megatron-core CPU shims), `model/` (the GPT model with a switchable positional phase),
 `checkpoint` (the Megatron checkpoint format), `convert/` (Hugging Face <-> Megatron),
-`data/` (tokenizers, packing), `train/` (the DeepSpeed loop), `cli` (the `drope` command).
+`data/` (tokenizers, packing), `train/` (the DeepSpeed loop), `eval/` (long-context evaluation),
+`demo/` (the embedded CPU demo), `cli` (the `drope` command).
 """
 
 __version__ = "0.1.0"

@@ -13,12 +13,9 @@ import time
 from pathlib import Path
 
 from drope_megatron.config import ConfigError, DataConfig
-from drope_megatron.data.documents import documents
+from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import load_tokenizer
-
-FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,11 +26,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
-        kinds = {FORMATS.get(Path(f).suffix, "text") for f in args.input}
-        if len(kinds) != 1:
-            raise ConfigError(f"--input mixes file kinds ({', '.join(sorted(kinds))}): prepare each kind separately")
         tok = load_tokenizer(args.tokenizer)
-        d = DataConfig(paths=args.input, format=kinds.pop(), text_key=args.text_key, shuffle=False)
+        d = DataConfig(paths=args.input, format=file_format(args.input), text_key=args.text_key, shuffle=False)
         info = write_indexed(documents(d, tok, epoch=0, seed=0), args.out, tok.vocab_size)
     except ConfigError as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)

@@ -13,6 +13,17 @@ from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.tokenizer import Tokenizer
 
 
+SUFFIX_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # anything else: text
+
+
+def file_format(paths: list[str]) -> str:
+    """The one `DataConfig.format` of local files, from their suffixes."""
+    kinds = {SUFFIX_FORMATS.get(Path(p).suffix, "text") for p in paths}
+    if len(kinds) != 1:
+        raise ConfigError(f"the files mix kinds ({', '.join(sorted(kinds))}): pass files of one kind")
+    return kinds.pop()
+
+
 def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int) -> Iterator[list[int] | np.ndarray]:
     """Token ids of every document of one epoch; text documents end with the tokenizer's EOS."""
     if d.format == "megatron":

@@ -8,28 +8,21 @@ curve (mean loss in position bins) shows where a model breaks past its training 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from drope_megatron.config import ConfigError, DataConfig
-from drope_megatron.data.documents import documents
+from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.tokenizer import Tokenizer
-
-FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
 
 def long_documents(paths: list[str], tokenizer: Tokenizer, min_tokens: int, limit: int,
                    text_key: str = "text") -> list[list[int]]:
     """The first `limit` documents (in file order) of at least `min_tokens` tokens, cut to that length."""
     if not paths:
         raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
-    formats = {FORMATS.get(Path(p).suffix, "text") for p in paths}
-    if len(formats) != 1:
-        raise ConfigError(f"--data mixes file formats ({', '.join(sorted(formats))}): pass files of one kind")
-    d = DataConfig(paths=list(paths), format=formats.pop(), text_key=text_key, shuffle=False)
+    d = DataConfig(paths=list(paths), format=file_format(paths), text_key=text_key, shuffle=False)
     found, longest = [], 0
     for doc in documents(d, tokenizer, epoch=0, seed=0):
         longest = max(longest, len(doc))

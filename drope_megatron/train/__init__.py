@@ -1,2 +1,3 @@
 """Training: the DeepSpeed loop for pretrain/recalibrate (loop, engine), resumable checkpoints,
-metrics, and smoke.py, the plain-torch end-to-end check."""
+ZeRO-3 loading and saving without whole-model gathers (zero3), metrics, and smoke.py, the
+plain-torch end-to-end check."""

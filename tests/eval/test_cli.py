@@ -37,19 +37,28 @@ def test_eval_writes_json_table_and_plots(checkpoints, corpus, tmp_path):
     assert "rope+ntk" in proc.stdout
 
 
-def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path):
+def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, capsys):
+    from drope_megatron.cli import main
+
     out = tmp_path / "report"
-    cases = [
+    # Refused before any model is loaded: the real command line, in this process.
+    early = [
         (["--tasks", "ppl"], "needs held-out documents"),
-        (["--tasks", "ppl", "--data", str(corpus / "valid.jsonl"), "--lengths", "64x"], "has 12288 tokens"),
         (["--tasks", "summaries"], "eval.tasks has 'summaries'"),
         (["--tasks", "passkey", "--baselines", "rope2"], "--baselines has 'rope2'"),
         (["--tasks", "passkey", "--lengths", "two"], "neither a multiple"),
+        (["--tasks", "passkey", "--depths", "1.5"], "eval.depths must be fractions"),
     ]
-    for args, message in cases:
-        proc = drope("eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", *args, timeout=120)
-        assert proc.returncode == 2, (args, proc.stderr[-500:])
-        assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-500:]
-        assert not out.exists() and not list(tmp_path.glob(".report*"))
-    proc = drope("eval", str(tmp_path), "--out", str(out), timeout=120)
-    assert proc.returncode == 2 and "neither a drope Megatron checkpoint nor a Hugging Face" in proc.stderr
+    for args, message in early:
+        assert main(["eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", *args]) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    assert main(["eval", str(tmp_path), "--out", str(out), "--tasks", "passkey"]) == 2
+    assert "neither a drope Megatron checkpoint nor a Hugging Face" in capsys.readouterr().err
+    # Found only once the tokenizer reads the documents: a real child process, nothing half-written.
+    proc = drope("eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", "--tasks", "ppl", "--data",
+                 str(corpus / "valid.jsonl"), "--lengths", "64x", timeout=120)
+    assert proc.returncode == 2 and "has 12288 tokens" in proc.stderr, proc.stderr[-500:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-500:]
+    assert not out.exists() and not list(tmp_path.glob(".report*"))
