@@ -13,6 +13,8 @@ import datetime
 import os
 import re
 import socket
+import time
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -122,9 +124,7 @@ def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
     if hasattr(dist.distributed_c10d, "default_pg_nccl_timeout"):
         dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
-        # env:// reads the variables exported above; under torchrun it also joins the agent's store
-        # with a per-restart prefix, which is what lets `--max-restarts` rebuild the job cleanly.
-        dist.init_process_group(backend=backend_for(p), init_method="env://", timeout=timeout)
+        dist.init_process_group(backend=backend_for(p), timeout=timeout, **_rendezvous(env, timeout))
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
@@ -133,6 +133,49 @@ def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
     return env
+
+
+def _rendezvous(env: DistEnv, timeout: datetime.timedelta) -> dict:
+    """init_process_group's rendezvous arguments: env:// except for workers on torchrun's agent store.
+
+    The agent keeps its store across `--max-restarts` (and across rendezvous rounds of multi-node
+    elastic jobs), so restarted workers would read the dead workers' gloo/nccl addresses and fail
+    to connect. Their keys go under a prefix that only this attempt's workers share.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {"init_method": "env://"}
+    store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    prefix = attempt_prefix(store, env.rank, env.world_size, timeout)
+    return {"store": dist.PrefixStore(prefix, store), "rank": env.rank, "world_size": env.world_size}
+
+
+def attempt_prefix(store: dist.Store, rank: int, world_size: int, timeout: datetime.timedelta) -> str:
+    """A store prefix agreed by every worker of this attempt and used by no earlier one.
+
+    TORCHELASTIC_RESTART_COUNT is not it: on a multi-node job a healthy node restarts its
+    workers without counting a restart. Instead each worker posts a fresh nonce; rank 0 answers
+    every nonce it reads with its own fresh token, and waits until each rank has joined under
+    that token. A stale nonce from a dead attempt gets an answer nobody reads.
+    """
+    if rank != 0:
+        nonce = uuid.uuid4().hex
+        store.set(f"drope/hello/{rank}", nonce)
+        token = store.get(f"drope/reply/{nonce}").decode()  # waits up to the store's timeout
+        store.add(f"drope/{token}/joined", 1)
+        return f"drope/{token}/"
+    token, answered = uuid.uuid4().hex, set()
+    deadline = time.monotonic() + timeout.total_seconds()
+    while store.add(f"drope/{token}/joined", 0) < world_size - 1:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not every rank joined within {timeout}: check that all {world_size} started")
+        for r in range(1, world_size):
+            if store.check([f"drope/hello/{r}"]):
+                nonce = store.get(f"drope/hello/{r}").decode()
+                if nonce not in answered:
+                    store.set(f"drope/reply/{nonce}", token)
+                    answered.add(nonce)
+        time.sleep(0.02)
+    return f"drope/{token}/"
 
 
 def shutdown() -> None:

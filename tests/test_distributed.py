@@ -1,12 +1,16 @@
 """Distributed bootstrap: launcher discovery, real mpirun and torchrun jobs, bounded waits."""
 
+import datetime
 import json
 import sys
+import threading
 import time
 
 import pytest
+import torch.distributed as dist
 
 from drope_megatron import distributed
+from drope_megatron.distributed import attempt_prefix, free_port
 from tests.helpers import run, torchrun
 
 PROBE = "tests/workers/dist_probe.py"
@@ -88,3 +92,31 @@ def test_world_not_multiple_of_model_parallel_is_refused(tmp_path):
     proc = torchrun(2, [PROBE, "report", "4", "1", str(tmp_path)], timeout=120)
     assert proc.returncode != 0
     assert "world size 2 is not a multiple of TP*PP=4" in proc.stderr
+
+
+def test_attempt_prefix_is_fresh_and_agreed_despite_stale_keys():
+    """A second attempt on the same store (torchrun's agent store after a restart) agrees on a new
+    prefix even when a worker arrives while the previous attempt's keys are still there."""
+    timeout = datetime.timedelta(seconds=20)
+    server = dist.TCPStore("127.0.0.1", free_port(), 3, is_master=True, timeout=timeout, wait_for_workers=False)
+
+    def attempt(order):
+        out = {}
+
+        def worker(rank):
+            client = dist.TCPStore("127.0.0.1", server.port, 3, is_master=False, timeout=timeout)
+            out[rank] = attempt_prefix(client, rank, 3, timeout)
+
+        threads = [threading.Thread(target=worker, args=(r,)) for r in order]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)  # workers of an attempt start at different times
+        for t in threads:
+            t.join(30)
+        return out
+
+    first = attempt([0, 1, 2])
+    second = attempt([2, 1, 0])  # ranks 1 and 2 find the first attempt's hello/reply keys
+    assert len(set(first.values())) == 1 and len(first) == 3
+    assert len(set(second.values())) == 1 and len(second) == 3
+    assert first[0] != second[0]

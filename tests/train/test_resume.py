@@ -60,6 +60,21 @@ def test_lost_rank_ends_job_and_rerun_resumes(corpus, tmp_path, uninterrupted, s
     assert losses(run_dir)[0] == pytest.approx(uninterrupted, rel=1e-5, abs=1e-5)
 
 
+def test_torchrun_max_restarts_resumes(corpus, tmp_path, uninterrupted):
+    """torchrun restarts all workers after a rank dies; the new attempt resumes from `latest`."""
+    run_dir = tmp_path / "run"
+    args = job_args(corpus, run_dir, "train.zero_stage=1", "parallel.timeout_minutes=0.1")
+    proc = faults.start(args, nproc=2, torchrun_args=("--max-restarts=1",))
+    faults.wait_for_step(run_dir, 5, proc)
+    faults.rank_process(proc, 1).send_signal(signal.SIGKILL)
+    rc, _, err = faults.finish(proc, timeout=180)
+    assert rc == 0, err[-2000:]
+    values, rows = losses(run_dir)
+    steps = [r["step"] for r in rows]
+    assert any(b <= a for a, b in zip(steps, steps[1:])), steps  # a second attempt logged again
+    assert values == pytest.approx(uninterrupted, rel=1e-5, abs=1e-5)
+
+
 def test_kill_during_checkpoint_write_keeps_the_previous_one(corpus, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     ckpts = run_dir / "checkpoints"

@@ -74,7 +74,7 @@ def test_divergence_stops_with_a_pointer_to_the_last_checkpoint(corpus, tmp_path
 
 
 def test_two_nodes_on_loopback(corpus, tmp_path):
-    """Two torchrun agents (node ranks 0 and 1, one process each) run one job."""
+    """Two torchrun agents (one process each) meet by c10d rendezvous, as in the Slurm template, and run one job."""
     from drope_megatron.distributed import free_port
     import subprocess
 
@@ -83,7 +83,8 @@ def test_two_nodes_on_loopback(corpus, tmp_path):
     port = free_port()
     args = pretrain_args(corpus, tmp_path / "run", "train.zero_stage=2")
     procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
-                               "--nproc-per-node=1", "--master-addr=127.0.0.1", f"--master-port={port}",
+                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+                               "--rdzv-id=loopback", "--max-restarts=1",
                                "-m", "drope_megatron.cli", *args], env=child_env(), cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     outs = [p.communicate(timeout=240) for p in procs]
