@@ -2,7 +2,9 @@
 
     CKPT/
       drope_checkpoint.json   model config (ModelConfig), padded vocab, source architecture, dtype
-      weights/                megatron-core `dist_checkpointing` (torch_dist): loads at any TP/PP
+      weights/                megatron-core `dist_checkpointing` (torch_dist): loads at any TP/PP;
+                              a streamed conversion writes it in parts instead: part-NNN/ dist
+                              checkpoints plus parts.json, which names the keys each part holds
       tokenizer/              the model's tokenizer files, when it has them
 
 Writes go to a temporary sibling folder renamed into place at the end, so a reader never sees
@@ -13,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch.distributed as dist
 
@@ -25,6 +28,8 @@ from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Rec
 
 META = "drope_checkpoint.json"
 FORMAT = "drope-megatron/1"
+PARTS = "parts.json"
+_LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 
 
 def is_checkpoint(path: str | Path) -> bool:
@@ -71,15 +76,94 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if rank0:
-        meta = {"format": FORMAT, "model": dataclasses.asdict(m), **(extra or {})}
         # The live model is the truth for what it computes: its padding and its current phase.
-        meta["model"].update(padded_vocab_size=model.vocab_size, phase=model.phase,
-                             rope_layers=model.rope_layers if model.phase == "layers" else m.rope_layers)
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _copy_tokenizer(tokenizer, tmp / "tokenizer")
-        atomic.publish_dir(tmp, dst)
+        m = dataclasses.replace(m, padded_vocab_size=model.vocab_size, phase=model.phase,
+                                rope_layers=model.rope_layers if model.phase == "layers" else m.rope_layers)
+        _publish(tmp, dst, m, extra, tokenizer)
     _barrier()
     return dst
+
+
+def save_in_parts(parts: Iterable[dict], m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = None,
+                  tokenizer: Path | None = None) -> Path:
+    """One process writes a checkpoint from sharded state dicts that arrive one after another (a
+    layer each, say), so that no more than one of them is in memory; `m.padded_vocab_size` set."""
+    from megatron.core import dist_checkpointing
+
+    dst = Path(dst)
+    tmp = atomic.staging_dir(dst)
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "weights").mkdir(parents=True)
+    try:
+        manifest = {}
+        for i, sharded in enumerate(parts):
+            name = f"part-{i:03d}"
+            (tmp / "weights" / name).mkdir()
+            manifest[name] = sorted(sharded)
+            # A part holds some layers of the stacked layer tensors: not the whole of them.
+            dist_checkpointing.save(_explicit_layer_axis(sharded), str(tmp / "weights" / name),
+                                    validate_access_integrity=False)
+        (tmp / "weights" / PARTS).write_text(json.dumps({"parts": manifest}, indent=1) + "\n")
+        _publish(tmp, dst, m, extra, tokenizer)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dst
+
+
+def _explicit_layer_axis(sharded: dict) -> dict:
+    """The same chunks with the stacked layer axis as a real axis of the data. megatron-core writes
+    a tensor with a prepended axis through a path that wants every layer present in one save;
+    written this way, a layer goes through the path that writes what is there, and reads back
+    through either."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    def explicit(x):
+        if not isinstance(x, ShardedTensor) or not x.prepend_axis_num:
+            return x
+        ones = (1,) * x.prepend_axis_num
+        return dataclasses.replace(x, data=x.data.view(ones + tuple(x.data.shape)), prepend_axis_num=0,
+                                   local_shape=ones + tuple(x.local_shape))
+
+    apply_factories(sharded)  # fused SwiGLU's factory becomes its two halves
+    return dict_list_map_inplace(explicit, sharded)
+
+
+def _publish(tmp: Path, dst: Path, m: ModelConfig, extra: dict[str, Any] | None, tokenizer: Path | None) -> None:
+    meta = {"format": FORMAT, "model": dataclasses.asdict(m), **(extra or {})}
+    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    _copy_tokenizer(tokenizer, tmp / "tokenizer")
+    atomic.publish_dir(tmp, dst)
+
+
+def sharded_keys(m: ModelConfig, p: ParallelConfig) -> dict:
+    """Each parameter's (and extra state's) sharded description at this TP/PP, keyed by parameter
+    name, from a copy of the model on the meta device, which costs no memory."""
+    import torch
+
+    from drope_megatron.model import build_model
+
+    with torch.device("meta"):
+        layout = build_model(m, p, initialize=False)
+    return layout.sharded_state_dict()
+
+
+def layer_offset(model) -> int:
+    """Global index of this pipeline stage's first layer (state-dict keys number a stage's layers from 0)."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    return layers[0].layer_number - 1 if layers else 0
+
+
+def piece_of(key: str) -> int | str:
+    """What a streamed read or write handles together: a layer's keys (its index), or one key."""
+    match = _LAYER.match(key)
+    return int(match.group(1)) if match else key
+
+
+def _global_key(key: str, offset: int) -> str:
+    match = _LAYER.match(key)
+    return f"decoder.layers.{int(match.group(1)) + offset}.{match.group(2)}" if match and offset else key
 
 
 NEW_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # the QK-norm variant's weights, absent from a plain checkpoint
@@ -101,14 +185,54 @@ def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_q
         m.qk_norm = True
     validate(Recipe(model=m, parallel=p))
     weights = Path(path) / "weights"
-    if not (weights / "metadata.json").is_file():
+    if not (weights / "metadata.json").is_file() and not (weights / PARTS).is_file():
         raise ConfigError(f"{weights} is missing or incomplete: the checkpoint is damaged")
     return m, new_norms, weights
 
 
-def load_sharded(request: dict, weights: Path, whole: bool = True) -> dict:
+def load_sharded(request: dict, weights: Path, whole: bool = True, offset: int = 0) -> dict:
     """megatron-core's dist-checkpoint load, with a one-line error for a checkpoint that does not match.
-    `whole=False` allows requesting part of a tensor (one layer of a stacked layer tensor)."""
+    `whole=False` allows requesting part of a tensor (one layer of a stacked layer tensor); `offset`
+    is the requesting stage's `layer_offset` (it finds the layers in a checkpoint written in parts)."""
+    if not (weights / PARTS).is_file():
+        return _load(request, weights, whole) if whole else _load_part(request, weights)
+    where = {key: part for part, keys in json.loads((weights / PARTS).read_text())["parts"].items() for key in keys}
+    groups: dict[str, dict] = {}
+    for key, spec in request.items():
+        part = where.get(_global_key(key, offset))
+        if part is None:
+            raise ConfigError(f"{weights} has no {_global_key(key, offset)}: the checkpoint does not fit the model")
+        groups.setdefault(part, {})[key] = spec
+    loaded = {}
+    for part in _parts_to_read(groups):
+        loaded.update(_load_part(groups.get(part, {}), weights / part))
+    return loaded
+
+
+def _parts_to_read(groups: dict) -> list[str]:
+    """Every rank's needed parts, in one order: megatron's load is collective, so a rank that
+    needs nothing from a part (another pipeline stage's layers) still joins its read."""
+    needed = sorted(groups)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, needed)
+        needed = sorted(set().union(*everyone))
+    return needed
+
+
+def _load_part(request: dict, folder: Path) -> dict:
+    """Read some layers of a checkpoint, whole or in parts, into the request's tensors. megatron-core
+    reads a layer-stacked tensor with a prepended axis only whole (it expects every layer in a
+    request); with the layer axis explicit, any layers can be read."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    # Reading the explicit-axis views fills the requested tensors in place; objects come back by value.
+    targets = {key: spec.data for key, spec in request.items() if not isinstance(spec, ShardedObject)}
+    loaded = _load(_explicit_layer_axis(dict(request)), folder, whole=False)
+    return {key: targets[key] if key in targets else loaded[key] for key in request}
+
+
+def _load(request: dict, weights: Path, whole: bool) -> dict:
     from megatron.core import dist_checkpointing
 
     try:
@@ -130,7 +254,8 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
     request = model.sharded_state_dict()
     if new_norms:  # not in the checkpoint: they keep their initial value of 1
         request = {k: v for k, v in request.items() if not k.endswith(NEW_NORMS)}
-    missing, unexpected = model.load_state_dict(load_sharded(request, weights), strict=False)
+    missing, unexpected = model.load_state_dict(load_sharded(request, weights, offset=layer_offset(model)),
+                                                strict=False)
     allowed = NEW_NORMS if new_norms else ()
     bad = [k for k in missing if not k.endswith(allowed) and not k.endswith("_extra_state")] + list(unexpected)
     if bad:

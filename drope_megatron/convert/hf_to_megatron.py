@@ -1,19 +1,21 @@
 """`drope convert hf-to-megatron`: a Hugging Face folder -> the project's Megatron checkpoint.
 
-Tensors stream one at a time from the safetensors shards into an uninitialised megatron
-model (the only full copy in memory), which is then written as a dist checkpoint. Every
-Hugging Face tensor must be used exactly once and have the shape the config implies.
+Tensors stream from the safetensors shards one layer at a time into a checkpoint written in
+parts (`checkpoint.save_in_parts`): the model is never whole in memory, only the layer being
+written. Every Hugging Face tensor must be used exactly once and have the shape the config implies.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import shutil
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from drope_megatron import atomic, dtypes
+from drope_megatron import atomic, checkpoint, dtypes
 from drope_megatron.config import ConfigError, ParallelConfig, Recipe, validate
 from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.families import family_for
@@ -47,45 +49,60 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
     validate(Recipe(model=m, parallel=parallel))  # TP/PP divisibility, before any work
     m.padded_vocab_size = m.padded_vocab(tp)
     # megatron-core loads only now: bad input is refused in a blink.
-    from drope_megatron import checkpoint, distributed
-    from drope_megatron.model import build_model
+    from drope_megatron import distributed
 
     try:
         with distributed.session(single=True):
-            model = build_model(m, ParallelConfig(), initialize=False)
-            _fill(model, reader, tensors.Shapes.of(m, m.padded_vocab_size), torch_dtype, show_progress)
+            keys = checkpoint.sharded_keys(m, ParallelConfig())
+            parts = _parts(keys, reader, tensors.Shapes.of(m, m.padded_vocab_size), show_progress)
             with _staged_tokenizer(src, dst) as tokenizer_dir:
-                checkpoint.save(model, m, dst, extra={"source": hf_config.source_record(cfg, family),
-                                                      "written_for": {"tp": tp, "pp": pp}},
-                                tokenizer=tokenizer_dir)
+                checkpoint.save_in_parts(parts, m, dst, extra={"source": hf_config.source_record(cfg, family),
+                                                               "written_for": {"tp": tp, "pp": pp}},
+                                         tokenizer=tokenizer_dir)
     except BaseException:
         shutil.rmtree(atomic.staging_dir(dst), ignore_errors=True)  # no partial output
         raise
     return dst
 
 
-def _fill(model, reader: SafetensorsReader, shapes: tensors.Shapes, dtype: torch.dtype, show_progress: bool):
+def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, show_progress: bool):
+    """The sharded state dict one layer at a time (the embedding, final norm and output layer each
+    on their own), filled from the Hugging Face tensors."""
+    from megatron.core.dist_checkpointing import ShardedObject
+
     used: set[str] = set()
-    params = dict(model.named_parameters())
-    bar = tqdm(params.items(), desc="hf -> megatron", unit="tensor", disable=not show_progress)
+    bar = tqdm(total=len(keys), desc="hf -> megatron", unit="tensor", disable=not show_progress)
     done_bytes = 0
-    for name, param in bar:
-        rule = tensors.mapping_for(name)
-        parts = [reader.get(h) for h in rule.hf]
-        expected = tensors.expected_hf_shapes(rule.how, tuple(param.shape), shapes)
-        for hf_name, part, shape in zip(rule.hf, parts, expected):
-            if tuple(part.shape) != shape:
-                raise ConfigError(f"tensor {hf_name} has shape {list(part.shape)} but config.json implies "
-                                  f"{list(shape)}: the weights do not match the config")
-        with torch.no_grad():
-            param.copy_(tensors.to_megatron(rule.how, [p.to(dtype) for p in parts], shapes))
-        used.update(rule.hf)
-        done_bytes += param.numel() * param.element_size()
-        bar.set_postfix(MiB=f"{done_bytes / 2**20:.0f}")
+    for _, items in itertools.groupby(keys.items(), key=lambda kv: checkpoint.piece_of(kv[0])):
+        part = {}
+        for name, spec in items:
+            bar.update()
+            if isinstance(spec, ShardedObject):  # a layer's `_extra_state`: written as described
+                part[name] = spec
+                continue
+            # The model's own dtype per tensor: megatron keeps some (norms) in fp32 under a bf16 model.
+            data = _tensor(name, tuple(spec.data.shape), reader, shapes, spec.data.dtype)
+            part[name] = dataclasses.replace(spec, data=data)
+            used.update(tensors.mapping_for(name).hf)
+            done_bytes += data.numel() * data.element_size()
+            bar.set_postfix(MiB=f"{done_bytes / 2**20:.0f}")
+        yield part
+    bar.close()
     unused = [n for n in reader.names() if n not in used and not n.endswith(IGNORED)]
     if unused:
         raise ConfigError(f"{len(unused)} tensor(s) of the checkpoint have no place in the model, e.g. {unused[0]}: "
                           "the architecture has parts this conversion does not support")
+
+
+def _tensor(name: str, shape: tuple, reader: SafetensorsReader, shapes: tensors.Shapes, dtype: torch.dtype):
+    """The Megatron tensor `name` of `shape`, made from its Hugging Face tensors."""
+    rule = tensors.mapping_for(name)
+    parts = [reader.get(h) for h in rule.hf]
+    for hf_name, part, expected in zip(rule.hf, parts, tensors.expected_hf_shapes(rule.how, shape, shapes)):
+        if tuple(part.shape) != expected:
+            raise ConfigError(f"tensor {hf_name} has shape {list(part.shape)} but config.json implies "
+                              f"{list(expected)}: the weights do not match the config")
+    return tensors.to_megatron(rule.how, [p.to(dtype) for p in parts], shapes).contiguous()
 
 
 class _staged_tokenizer:

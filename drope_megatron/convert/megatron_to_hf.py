@@ -2,11 +2,14 @@
 
 A RoPE model goes back to its source architecture; a DroPE (or per-layer) model becomes a
 stock `SmolLM3ForCausalLM` with `no_rope_layers`, loadable by `AutoModelForCausalLM` without
-`trust_remote_code`. Tensors are written shard by shard; vocabulary padding is cut off.
+`trust_remote_code`. The checkpoint is read one layer at a time and written shard by shard, so
+memory holds a layer and the shard being filled; vocabulary padding is cut off.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import shutil
 from pathlib import Path
 
@@ -38,9 +41,8 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     staging.mkdir(parents=True)
     try:
         with distributed.session(single=True):
-            model, _ = checkpoint.load_model(src, ParallelConfig())
-            _write_tensors(model, m, family.per_layer_nope, ShardedWriter(staging, max_shard_bytes), out_dtype,
-                           show_progress)
+            _write_tensors(_read_by_layer(src), m, family.per_layer_nope, ShardedWriter(staging, max_shard_bytes),
+                           out_dtype, show_progress)
         cfg.save_pretrained(str(staging))
         if (src / "tokenizer").is_dir():
             for item in (src / "tokenizer").iterdir():
@@ -54,13 +56,24 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     return f"wrote {family.architecture}{detail} ({dtypes.name_of(out_dtype)}) to {dst}"
 
 
-def _write_tensors(model, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
-    shapes = tensors.Shapes.of(m, model.vocab_size)
-    params = list(model.named_parameters())
-    for name, param in tqdm(params, desc="megatron -> hf", unit="tensor", disable=not show_progress):
+def _read_by_layer(src: Path):
+    """(name, tensor) of every parameter, reading the checkpoint one layer at a time."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    m, _, weights = checkpoint.prepare(src, ParallelConfig())
+    keys = {k: v for k, v in checkpoint.sharded_keys(m, ParallelConfig()).items() if not isinstance(v, ShardedObject)}
+    for _, items in itertools.groupby(keys.items(), key=lambda kv: checkpoint.piece_of(kv[0])):
+        request = {name: dataclasses.replace(spec, data=torch.empty(spec.data.shape, dtype=spec.data.dtype))
+                   for name, spec in items}
+        yield from checkpoint.load_sharded(request, weights, whole=False).items()
+
+
+def _write_tensors(named, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
+    shapes = tensors.Shapes.of(m, m.padded_vocab_size)
+    for name, tensor in tqdm(named, desc="megatron -> hf", unit="tensor", disable=not show_progress):
         rule = tensors.mapping_for(name)
-        for hf_name, tensor in zip(rule.hf, tensors.to_hf(rule.how, param.detach(), shapes)):
-            writer.add(hf_name, tensor.to(dtype))
+        for hf_name, hf_tensor in zip(rule.hf, tensors.to_hf(rule.how, tensor, shapes)):
+            writer.add(hf_name, hf_tensor.to(dtype))
         if zero_o_bias and m.qkv_bias and rule.how == "qkv" and name.endswith(".bias"):
             # SmolLM3's attention_bias covers q, k, v and o; Qwen2-style models have no o bias.
             o_bias = rule.hf[0].replace("q_proj", "o_proj")

@@ -33,14 +33,14 @@ def load_partitioned(path: str | Path, p: ParallelConfig, ds_config: dict, add_q
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(),
                              data_parallel_group=parallel_state.get_data_parallel_group()):
         model = build_model(m, p, initialize=False)
-    keys = _checkpoint_keys(m, p)
+    keys, offset = checkpoint.sharded_keys(m, p), checkpoint.layer_offset(model)
     for name, param in model.named_parameters():
         if new_norms and name.endswith(checkpoint.NEW_NORMS):
             continue  # not in the checkpoint: keeps its initial value of 1
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
             spec = keys[name]
             spec.data = torch.empty_like(param.data)
-            param.data.copy_(checkpoint.load_sharded({name: spec}, weights, whole=False)[name])
+            param.data.copy_(checkpoint.load_sharded({name: spec}, weights, False, offset)[name])
     return model, m
 
 
@@ -50,7 +50,7 @@ def sharded_for_save(model, m: ModelConfig, p: ParallelConfig) -> dict:
 
     import deepspeed
 
-    keys = _checkpoint_keys(m, p)
+    keys = checkpoint.sharded_keys(m, p)
     rank, size = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
     params = dict(model.named_parameters())
     # Non-parameter entries (layers' `_extra_state` objects) as the model describes them.
@@ -66,12 +66,3 @@ def sharded_for_save(model, m: ModelConfig, p: ParallelConfig) -> dict:
                     changes["dtype"] = param.dtype
                 mine[name] = dataclasses.replace(spec, **changes)
     return mine
-
-
-def _checkpoint_keys(m: ModelConfig, p: ParallelConfig) -> dict:
-    """Each parameter's sharded-tensor description (global key, TP slice), from a meta-device model."""
-    from drope_megatron.model import build_model
-
-    with torch.device("meta"):
-        layout = build_model(m, p, initialize=False)
-    return layout.sharded_state_dict()
