@@ -169,14 +169,24 @@ def _global_key(key: str, offset: int) -> str:
 NEW_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # the QK-norm variant's weights, absent from a plain checkpoint
 
 
+def attention_options(m: ModelConfig) -> dict[str, Any]:
+    """The attention options a recipe sets that change no weights (softmax scale, length-aware
+    temperature): a run starting from a checkpoint applies them over the stored ones."""
+    chosen = {"softmax_scale": m.softmax_scale, "attention_temperature": m.attention_temperature}
+    return {k: v for k, v in chosen.items() if v not in (None, "none")}
+
+
 def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
-            attention_backend: str | None = None) -> tuple[ModelConfig, bool, Path]:
-    """The model config to build for loading `path` at this TP/PP, whether q/k norms are new, the weights folder."""
+            attention_backend: str | None = None, attention: dict[str, Any] | None = None
+            ) -> tuple[ModelConfig, bool, Path]:
+    """The model config to build for loading `path` at this TP/PP, whether q/k norms are new, the
+    weights folder. `attention` (from `attention_options`) replaces the stored attention options."""
     m = model_config(path)
     if dtype is not None:
         m.params_dtype = dtype
     if attention_backend is not None:
         m.attention_backend = attention_backend
+    m = dataclasses.replace(m, **(attention or {}))
     new_norms = add_qk_norm and not m.qk_norm
     if new_norms:
         if m.qk_head_norm:
@@ -242,14 +252,15 @@ def _load(request: dict, weights: Path, whole: bool) -> dict:
 
 
 def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,
-               attention_backend: str | None = None, **build_kwargs):
+               attention_backend: str | None = None, attention: dict[str, Any] | None = None, **build_kwargs):
     """Build this rank's shard of the checkpoint's model at the current TP/PP and load its weights
     (cast to `dtype` when given, e.g. float32 for verification; `attention_backend` overrides the
     stored one, e.g. sdpa for long sequences). `add_qk_norm` gives a checkpoint
-    without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant)."""
+    without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant);
+    `attention` replaces the stored attention options (see `prepare`)."""
     from drope_megatron.model import build_model
 
-    m, new_norms, weights = prepare(path, p, dtype, add_qk_norm, attention_backend)
+    m, new_norms, weights = prepare(path, p, dtype, add_qk_norm, attention_backend, attention)
     model = build_model(m, p, initialize=False, **build_kwargs)
     request = model.sharded_state_dict()
     if new_norms:  # not in the checkpoint: they keep their initial value of 1

@@ -37,10 +37,12 @@ def _model(recipe: Recipe, phase: str, dp: int):
     Under ZeRO-3 the checkpoint is loaded straight into partitioned parameters."""
     init = recipe.train.init_from
     ds_config = ds_engine.deepspeed_config(recipe.train, dp)
+    # From a checkpoint: its architecture; the recipe adds the phase, QK-norm and attention options.
+    attention = checkpoint.attention_options(recipe.model)
     if init and ds_config["zero_optimization"].get("stage") == 3:
-        model, m = load_partitioned(init, recipe.parallel, ds_config, add_qk_norm=recipe.model.qk_norm)
-    elif init:  # the checkpoint's architecture; the recipe adds the phase and QK-norm
-        model, m = checkpoint.load_model(init, recipe.parallel, add_qk_norm=recipe.model.qk_norm)
+        model, m = load_partitioned(init, recipe.parallel, ds_config, recipe.model.qk_norm, attention)
+    elif init:
+        model, m = checkpoint.load_model(init, recipe.parallel, add_qk_norm=recipe.model.qk_norm, attention=attention)
     else:
         m = recipe.model
         model = build_model(m, recipe.parallel)

@@ -109,9 +109,10 @@ def test_qk_norm_variant_recalibrates_from_a_plain_checkpoint(corpus, tmp_path):
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny tensors
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
     run(corpus, tmp_path / "rec", "train.steps=3", f"train.init_from={tmp_path / 'pre' / 'final'}",
-        "model.qk_norm=true", f"train.deepspeed_config={tmp_path / 'zero3.json'}", nproc=2, command="recalibrate")
+        "model.qk_norm=true", "model.softmax_scale=0.25", f"train.deepspeed_config={tmp_path / 'zero3.json'}",
+        nproc=2, command="recalibrate")
     m = checkpoint.model_config(tmp_path / "rec" / "final")
-    assert m.qk_norm and m.phase == "drope"
+    assert m.qk_norm and m.phase == "drope" and m.softmax_scale == 0.25  # the recipe's options over the stored
     first = losses(tmp_path / "rec")[1][0]
     assert first["params_local"] == pytest.approx(first["params_total"] / 2, rel=0.02)  # ZeRO-3 from the JSON
 
