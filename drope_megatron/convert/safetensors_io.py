@@ -5,6 +5,7 @@ Shards and the index are laid out as `save_pretrained` lays them out."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -87,7 +88,10 @@ class ShardedWriter:
 
     def _flush(self) -> None:
         index = len(self.shards) + 1
-        save_file(self.pending, str(self.folder / f"part-{index}.safetensors"), metadata={"format": "pt"})
+        path = self.folder / f"part-{index}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        # safetensors creates the file private (0600); a model folder is shared like any output.
+        path.chmod(0o666 & ~_umask())
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
 
@@ -105,3 +109,9 @@ class ShardedWriter:
             weight_map.update({name: final for name in names})
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,6 +1,7 @@
 """HF -> Megatron -> HF for every family, GQA and MHA, tied and untied: logits and bytes."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -94,6 +95,9 @@ def test_sharded_source_and_sharded_export(tmp_path):
     export(meg_dir, out_dir, max_shard_bytes=60_000, show_progress=False)
     index = json.loads((out_dir / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 2
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {(out_dir / f).stat().st_mode & 0o777 for f in index["weight_map"].values()} == {0o666 & ~mask}
     reloaded = AutoModelForCausalLM.from_pretrained(str(out_dir))
     original = AutoModelForCausalLM.from_pretrained(str(hf_dir))
     tokens = torch.randint(0, 300, (1, 16))
