@@ -208,25 +208,31 @@ def load_sharded(request: dict, weights: Path, whole: bool = True, offset: int =
         return _load(request, weights, whole) if whole else _load_part(request, weights)
     where = {key: part for part, keys in json.loads((weights / PARTS).read_text())["parts"].items() for key in keys}
     groups: dict[str, dict] = {}
+    missing = []
     for key, spec in request.items():
-        part = where.get(_global_key(key, offset))
+        # A tied output layer on the last pipeline stage is the embedding under another name.
+        part = where.get(_global_key(key, offset)) or where.get(getattr(spec, "key", None))
         if part is None:
-            raise ConfigError(f"{weights} has no {_global_key(key, offset)}: the checkpoint does not fit the model")
+            missing.append(_global_key(key, offset))
         groups.setdefault(part, {})[key] = spec
     loaded = {}
-    for part in _parts_to_read(groups):
+    for part in _parts_to_read(groups, missing, weights):
         loaded.update(_load_part(groups.get(part, {}), weights / part))
     return loaded
 
 
-def _parts_to_read(groups: dict) -> list[str]:
+def _parts_to_read(groups: dict, missing: list[str], weights: Path) -> list[str]:
     """Every rank's needed parts, in one order: megatron's load is collective, so a rank that
-    needs nothing from a part (another pipeline stage's layers) still joins its read."""
-    needed = sorted(groups)
+    needs nothing from a part (another pipeline stage's layers) still joins its read. A key no
+    part holds, on any rank, fails every rank at once rather than leaving the others waiting."""
+    needed = sorted(part for part in groups if part is not None)
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, needed)
-        needed = sorted(set().union(*everyone))
+        dist.all_gather_object(everyone, (needed, missing))
+        needed = sorted(set().union(*(n for n, _ in everyone)))
+        missing = [key for _, keys in everyone for key in keys]
+    if missing:
+        raise ConfigError(f"{weights} has no {missing[0]}: the checkpoint does not fit the model")
     return needed
 
 
