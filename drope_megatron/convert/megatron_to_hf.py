@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from drope_megatron import atomic, dtypes
 from drope_megatron.config import ParallelConfig, rope_flags
-from drope_megatron.convert import hf_config, tensors
+from drope_megatron.convert import hf_config, hf_tokenizer, tensors
 from drope_megatron.convert.safetensors_io import ShardedWriter
 from drope_megatron import checkpoint
 
@@ -45,8 +45,7 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
                            out_dtype, show_progress)
         cfg.save_pretrained(str(staging))
         if (src / "tokenizer").is_dir():
-            for item in (src / "tokenizer").iterdir():
-                shutil.copy2(item, staging / item.name)
+            hf_tokenizer.copy_tokenizer(src / "tokenizer", staging)
         atomic.publish_dir(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from drope_megatron.data.tokenizer import load_tokenizer
 from tests.helpers import drope
 
 STAGES = ["corpus", "data", "rope", "drope", "eval", "export", "report"]
@@ -27,6 +28,11 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
         assert (work / "eval" / plot).read_bytes().startswith(b"\x89PNG") and f"eval/{plot}" in report
     config = json.loads((work / "drope-hf" / "config.json").read_text())
     assert config["architectures"] == ["SmolLM3ForCausalLM"] and not any(config["no_rope_layers"])
+    from transformers import AutoTokenizer  # the export's tokenizer loads and encodes as the model's
+
+    text = "The pass key is 12345.\n\nACT I."
+    exported = AutoTokenizer.from_pretrained(str(work / "drope-hf"))(text, add_special_tokens=False)["input_ids"]
+    assert exported == load_tokenizer(work / "rope" / "tokenizer").encode(text)
     trained = json.loads((work / "drope" / "metrics.jsonl").read_text().splitlines()[-1])
     assert trained["step"] == 3
 
