@@ -113,6 +113,13 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _depths(text: str | None) -> list[float] | None:
+    try:
+        return [float(d) for d in _csv(text)] if text else None
+    except ValueError:
+        raise ConfigError(f"--depths {text!r}: use comma-separated fractions, e.g. 0,0.5,1") from None
+
+
 def cmd_eval(args) -> int:
     import dataclasses
 
@@ -121,7 +128,7 @@ def cmd_eval(args) -> int:
     e = load_recipe(args.recipe).eval if args.recipe else Recipe().eval
     flags = {"lengths": _csv(args.lengths), "tasks": _csv(args.tasks), "baselines": _csv(args.baselines),
              "data": args.data, "text_key": args.text_key, "documents": args.documents, "seed": args.seed,
-             "depths": [float(d) for d in _csv(args.depths)] if args.depths else None, "samples": args.samples}
+             "depths": _depths(args.depths), "samples": args.samples}
     e = dataclasses.replace(e, **{k: v for k, v in flags.items() if v is not None})
     bad = [b for b in e.baselines if b not in ("pi", "ntk", "yarn")]
     if bad:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,6 +142,8 @@ class DataConfig:
     text_key: str = "text"
     tokenizer: Optional[str] = None  # a Hugging Face tokenizer folder or a sentencepiece .model file
     shuffle: bool = True  # documents in a seeded random order, reshuffled every epoch
+    # With shuffle: packed blocks mixed within a window of this many (0: the documents' own order).
+    shuffle_window: int = 1024
     streaming: bool = False  # stream (hub or very large files) instead of loading an Arrow cache
 
 
@@ -236,7 +239,9 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section in the YAML
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"override {key}: {part} is a value, not a section")
         node = child
@@ -244,6 +249,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
+    if raw is None and prefix:  # a section whose keys are all commented out
+        raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{prefix or 'recipe'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -286,13 +293,16 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None and math.isfinite(number):
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -314,6 +324,7 @@ def validate(recipe: Recipe) -> None:
         "parallel.timeout_minutes": p.timeout_minutes, "train.steps": t.steps, "train.lr": t.lr,
         "train.global_batch_size": t.global_batch_size, "train.micro_batch_size": t.micro_batch_size,
         "model.rotary_base": m.rotary_base, "model.norm_epsilon": m.norm_epsilon,
+        "train.log_interval": t.log_interval,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -352,6 +363,7 @@ def validate(recipe: Recipe) -> None:
     _check(t.warmup_steps + t.decay_steps <= t.steps,
            f"train.warmup_steps + train.decay_steps exceed train.steps={t.steps}")
     _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+    _check(recipe.data.shuffle_window >= 0, "data.shuffle_window must be >= 0 (0: no block shuffling)")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(not t.offload_optimizer or t.zero_stage > 0, "train.offload_optimizer needs train.zero_stage >= 1")
     _check(t.save_interval >= 0 and t.keep_last >= 1, "train.save_interval must be >= 0 and train.keep_last >= 1")

@@ -30,6 +30,13 @@ def test_overrides_are_typed(tmp_path):
     assert r.model.qk_norm is True and r.model.softmax_scale == 0.125
 
 
+def test_an_empty_section_is_its_defaults(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model:\n  num_layers: 3\neval:\n  # every key commented out\n")
+    assert load_recipe(path).eval == Recipe().eval
+    assert load_recipe(path, ["eval.seed=5"]).eval.seed == 5
+
+
 def test_derived_sizes():
     m = load_recipe(None, ["model.hidden_size=256", "model.num_attention_heads=8"]).model
     assert m.head_dim == 32 and m.groups == 8 and m.ffn_size % 64 == 0 and m.ffn_size >= 8 * 256 // 3
@@ -48,6 +55,10 @@ def test_parse_length():
 
 
 BAD = [
+    (["data.shuffle_window=-1"], "data.shuffle_window must be >= 0"),
+    (["train.log_interval=0"], "train.log_interval=0 must be positive"),
+    (["train.lr=nan"], "train.lr must be float"),
+    (["train.lr=inf"], "train.lr must be float"),
     (["model.hiden_size=64"], "model.hiden_size (did you mean model.hidden_size?)"),
     (["optimizer.lr=1"], "unknown key optimizer"),
     (["model.num_layers=abc"], "model.num_layers must be int"),

@@ -1,5 +1,6 @@
 """EOS-separated documents packed into fixed blocks of the training context (the paper's recipe),
-served as deterministic, resumable micro-batches for one data-parallel rank.
+mixed in a seeded shuffle window, served as deterministic, resumable micro-batches for one
+data-parallel rank.
 
 Block b of the global stream belongs to optimizer step b // global_batch; within a step, every
 micro-step takes dp * micro_batch consecutive blocks and rank r takes its micro_batch of them.
@@ -9,6 +10,7 @@ So the union of blocks of a step does not depend on the world size, and resuming
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -34,6 +36,24 @@ def packed_blocks(epochs: Callable[[int], Iterable], block_len: int) -> Iterator
             raise ConfigError(f"the dataset has {seen} tokens, fewer than one block of {block_len}: "
                               "add data or lower model.seq_length")
         epoch += 1
+
+
+def shuffled(blocks: Iterator[np.ndarray], window: int, seed: int) -> Iterator[np.ndarray]:
+    """`blocks` in a seeded random order within a window of `window` blocks (a shuffle buffer).
+
+    Shuffling documents alone leaves a long document (a book: hundreds of blocks) filling many
+    consecutive batches, so the loss swings between sources and a short run sees them in bursts;
+    Megatron's GPTDataset shuffles samples for the same reason. The buffer keeps the stream
+    endless and replayable: the same seed gives the same order."""
+    if window <= 1:
+        yield from blocks
+        return
+    rng = np.random.default_rng(seed)
+    buffer = [block.copy() for block in itertools.islice(blocks, window)]  # copies: views pin whole documents
+    for block in blocks:
+        i = int(rng.integers(len(buffer)))
+        yield buffer[i]
+        buffer[i] = block.copy()
 
 
 class BatchStream:

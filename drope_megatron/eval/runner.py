@@ -29,10 +29,13 @@ def expand_tasks(names: list[str]) -> list[str]:
 
 
 def parse_models(specs: list[str]) -> dict[str, Path]:
-    """`label=path` or `path` (labelled by its folder name), labels unique."""
+    """`label=path` or `path` (labelled by its folder name), labels unique. A label has no `/`, so
+    `runs/lr=1e-4/final` is a path, and `DroPE=runs/lr=1e-4/final` labels it."""
     models: dict[str, Path] = {}
     for spec in specs:
-        label, _, path = spec.rpartition("=") if "=" in spec else (Path(spec).name, "", spec)
+        label, sep, path = spec.partition("=")
+        if not sep or not label or "/" in label or Path(spec).exists():
+            label, path = Path(spec).name, spec
         if label in models:
             raise ConfigError(f"two models are labelled {label!r}: name them with label=path")
         models[label] = Path(path)

@@ -55,16 +55,19 @@ def save(engine, ckpt_dir: Path, step: int, position: int, layout: dict[str, int
     if dist.get_rank() == 0:
         atomic.write_json(ckpt_dir / tag / STATE, {"step": step, "data_position": position, **layout})
         atomic.write_text(ckpt_dir / "latest", tag + "\n")
-        _prune(ckpt_dir, keep_last)
+        _prune(ckpt_dir, tag, keep_last)
     dist.barrier()
     return tag
 
 
-def _prune(ckpt_dir: Path, keep_last: int) -> None:
+def _prune(ckpt_dir: Path, tag: str, keep_last: int) -> None:
+    """Keep `tag` (just written) and the newest of the ones before it; a later step can only be left
+    by a run this one replaced (its `latest` removed), and this run would overwrite it anyway."""
     # Only complete checkpoints count; a partial one (a crash mid-write) is overwritten on resume.
-    complete = sorted(p for p in ckpt_dir.glob("step*") if (p / STATE).is_file())
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    complete = sorted(p.name for p in ckpt_dir.glob("step*") if (p / STATE).is_file())
+    keep = [name for name in complete if name <= tag][-keep_last:]
+    for old in set(complete) - set(keep):
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
 def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | None:
@@ -72,6 +75,9 @@ def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | Non
     tag = latest_tag(ckpt_dir)
     if tag is None:
         return None
+    if not (ckpt_dir / tag / STATE).is_file():
+        raise ConfigError(f"{ckpt_dir / 'latest'} names {tag}, which is missing or incomplete: delete {ckpt_dir} "
+                          "to start over")
     state = json.loads((ckpt_dir / tag / STATE).read_text())
     changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
     if changed:
@@ -80,6 +86,6 @@ def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | Non
                           "same TP, data-parallel size and ZeRO stage, or start a new run directory")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
-        raise ConfigError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir / 'latest'} to start over")
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir} to start over")
     set_rng_state(client["rng"])
     return client

@@ -3,6 +3,8 @@ the megatron-core model inside a DeepSpeed engine, on packed data, with resumabl
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 import subprocess
@@ -20,7 +22,7 @@ from tqdm import tqdm
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ModelConfig, Recipe
 from drope_megatron.data.documents import documents
-from drope_megatron.data.packing import BatchStream, packed_blocks
+from drope_megatron.data.packing import BatchStream, packed_blocks, shuffled
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
 from drope_megatron.train import checkpointing, engine as ds_engine
@@ -37,14 +39,17 @@ def _model(recipe: Recipe, phase: str, dp: int):
     Under ZeRO-3 the checkpoint is loaded straight into partitioned parameters."""
     init = recipe.train.init_from
     ds_config = ds_engine.deepspeed_config(recipe.train, dp)
+    # Without bf16, DeepSpeed keeps no fp32 master weights: a bf16 (or fp16) model must train in fp32.
+    dtype = None if ds_engine.use_bf16(recipe.train) else "float32"
     # From a checkpoint: its architecture; the recipe adds the phase, QK-norm and attention options.
     attention = checkpoint.attention_options(recipe.model)
     if init and ds_config["zero_optimization"].get("stage") == 3:
-        model, m = load_partitioned(init, recipe.parallel, ds_config, recipe.model.qk_norm, attention)
+        model, m = load_partitioned(init, recipe.parallel, ds_config, recipe.model.qk_norm, attention, dtype)
     elif init:
-        model, m = checkpoint.load_model(init, recipe.parallel, add_qk_norm=recipe.model.qk_norm, attention=attention)
+        model, m = checkpoint.load_model(init, recipe.parallel, dtype, add_qk_norm=recipe.model.qk_norm,
+                                         attention=attention)
     else:
-        m = recipe.model
+        m = dataclasses.replace(recipe.model, params_dtype=dtype or recipe.model.params_dtype)
         model = build_model(m, recipe.parallel)
     model.set_phase(phase, recipe.model.rope_layers or m.rope_layers)
     m.phase = phase  # what this run trains (the checkpoint may have been saved in another phase)
@@ -73,6 +78,10 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         raise ConfigError("training runs TP x data parallel; set parallel.pipeline_model_parallel_size=1")
     if not recipe.data.paths:
         raise ConfigError("data.paths is empty: list the training files (or a Megatron dataset prefix)")
+    needs_dir = [k for k, v in {"train.export_hf": t.export_hf, "train.tensorboard": t.tensorboard,
+                                "train.save_interval": t.save_interval}.items() if v]
+    if needs_dir and not t.save_dir:
+        raise ConfigError(f"train.save_dir is not set, and {', '.join(needs_dir)} write there: set it")
     with distributed.session(p, t.seed) as env:
         dp = parallel_state.get_data_parallel_world_size()
         model, m = _model(recipe, phase, dp)
@@ -82,7 +91,11 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         layout = {"tp": p.tensor_model_parallel_size, "dp": dp, "zero_stage": engine.zero_optimization_stage()}
         client = checkpointing.load(engine, run_dir / "checkpoints", layout) if run_dir else None
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
+        if client and env.rank == 0:
+            print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
         blocks = packed_blocks(lambda epoch: documents(recipe.data, tok, epoch, t.seed), m.seq_length + 1)
+        if recipe.data.shuffle:
+            blocks = shuffled(blocks, recipe.data.shuffle_window, t.seed)
         stream = BatchStream(blocks, t.micro_batch_size, parallel_state.get_data_parallel_rank(), dp, position)
         log = MetricsLog(run_dir, t.tensorboard, enabled=env.rank == 0)
         try:
@@ -112,7 +125,8 @@ def _export_hf(final: Path, dst: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in job_vars}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        raise ConfigError(f"Hugging Face export to {dst} failed: {proc.stderr.strip().splitlines()[-1]} "
+        reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+        raise ConfigError(f"Hugging Face export to {dst} failed: {reason} "
                           f"(the Megatron checkpoint {final} is complete)")
     print(proc.stdout.strip())
 

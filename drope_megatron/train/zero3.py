@@ -22,15 +22,15 @@ from drope_megatron.config import ModelConfig, ParallelConfig
 
 
 def load_partitioned(path: str | Path, p: ParallelConfig, ds_config: dict, add_qk_norm: bool = False,
-                     attention: dict | None = None):
-    """(model partitioned for ZeRO-3 with the checkpoint's weights, its ModelConfig); `add_qk_norm`
-    and `attention` as in `checkpoint.load_model`."""
+                     attention: dict | None = None, dtype: str | None = None):
+    """(model partitioned for ZeRO-3 with the checkpoint's weights, its ModelConfig); `add_qk_norm`,
+    `attention` and `dtype` as in `checkpoint.load_model`."""
     import deepspeed
 
     from drope_megatron.model import build_model
     from drope_megatron.train.engine import MegatronMPU
 
-    m, new_norms, weights = checkpoint.prepare(path, p, add_qk_norm=add_qk_norm, attention=attention)
+    m, new_norms, weights = checkpoint.prepare(path, p, dtype, add_qk_norm=add_qk_norm, attention=attention)
     deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)  # reuses our group
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(),
                              data_parallel_group=parallel_state.get_data_parallel_group()):

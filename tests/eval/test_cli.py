@@ -48,6 +48,7 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
         (["--tasks", "passkey", "--baselines", "rope2"], "--baselines has 'rope2'"),
         (["--tasks", "passkey", "--lengths", "two"], "neither a multiple"),
         (["--tasks", "passkey", "--depths", "1.5"], "eval.depths must be fractions"),
+        (["--tasks", "passkey", "--depths", "0,abc"], "--depths '0,abc'"),
     ]
     for args, message in early:
         assert main(["eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", *args]) == 2, args
@@ -62,3 +63,13 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
     assert proc.returncode == 2 and "has 12288 tokens" in proc.stderr, proc.stderr[-500:]
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-500:]
     assert not out.exists() and not list(tmp_path.glob(".report*"))
+
+
+def test_model_specs_split_at_a_label_not_inside_a_path(checkpoints, tmp_path):
+    from drope_megatron.eval.runner import parse_models
+
+    swept = tmp_path / "lr=1e-4"  # sweep folders name their settings
+    swept.symlink_to(checkpoints["rope"], target_is_directory=True)
+    assert parse_models([str(swept)]) == {"lr=1e-4": swept}
+    assert parse_models([f"DroPE={swept}", f"RoPE={checkpoints['rope']}"]) == {
+        "DroPE": swept, "RoPE": checkpoints["rope"]}

@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from drope_megatron import checkpoint
 from tests.helpers import ROOT, drope, torchrun
@@ -21,6 +22,24 @@ def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows}  # a resumed run logs again: the last record of a step wins
     return [by_step[s]["loss"] for s in sorted(by_step)], rows
+
+
+def _bf16_copy(src, dst):
+    from drope_megatron import distributed
+    from drope_megatron.config import ParallelConfig
+
+    with distributed.session(single=True):
+        model, m = checkpoint.load_model(src, ParallelConfig(), dtype="bfloat16")
+        checkpoint.save(model, m, dst, tokenizer=src / "tokenizer")
+    assert torch.bfloat16 in _stored_dtypes(dst)  # (megatron keeps the norms in fp32)
+    return dst
+
+
+def _stored_dtypes(ckpt):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(ckpt / "weights")).read_metadata().state_dict_metadata
+    return {md.properties.dtype for md in metadata.values() if hasattr(md, "properties")}
 
 
 def run(corpus, run_dir, *extra, nproc=1, command="pretrain"):
@@ -49,8 +68,9 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     assert rows[0]["lr"] < rows[1]["lr"] and rows[-1]["lr"] < rows[1]["lr"]  # warmup, then cosine decay
     assert rows[0]["grad_norm"] > 0
     assert checkpoint.model_config(pre / "final").phase == "rope"
+    bf16 = _bf16_copy(pre / "final", tmp_path / "bf16")  # as `hf-to-megatron` keeps a bf16 source
     rec = tmp_path / "rec"
-    proc = run(corpus, rec, "train.steps=4", f"train.init_from={pre / 'final'}", f"train.export_hf={tmp_path / 'hf'}",
+    proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",
                command="recalibrate")
     assert "step 4: loss" in proc.stdout and "SmolLM3ForCausalLM" in proc.stdout
     from transformers import AutoModelForCausalLM
@@ -58,6 +78,8 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "SmolLM3ForCausalLM"
     m = checkpoint.model_config(rec / "final")
     assert m.phase == "drope" and m.seq_length == 32
+    # Without bf16 (a CPU) the bf16 checkpoint trained in fp32: DeepSpeed keeps no master weights then.
+    assert m.params_dtype == "float32" and _stored_dtypes(rec / "final") == {torch.float32}
     first = losses(rec)[0][0]
     assert first < baseline[0]  # starts from the pretrained weights, not from scratch
 

@@ -45,11 +45,13 @@ def bad_cases(corpus, tiny):
                      "set parallel.pipeline_model_parallel_size=1"),
         "batch": (["train.global_batch_size=6", "train.micro_batch_size=4"], "is not a multiple"),
         "ds-json": (["train.deepspeed_config=/nonexistent.json"], "train.deepspeed_config /nonexistent.json does not"),
+        "no-save-dir": (["train.save_dir=null", "train.export_hf=/nonexistent/hf", "train.tensorboard=true"],
+                        "train.save_dir is not set, and train.export_hf, train.tensorboard write there"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing-file", "empty-dataset", "shorter-than-a-block", "vocab-mismatch",
-                                  "no-tokenizer", "pipeline", "batch", "ds-json"])
+                                  "no-tokenizer", "pipeline", "batch", "ds-json", "no-save-dir"])
 def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     extra, message = bad_cases(corpus, tiny_files)[case]
     run_dir = tmp_path / "run"

@@ -1,0 +1,34 @@
+"""Which training checkpoints are kept, and the one-line refusal of a `latest` that names nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from drope_megatron.config import ConfigError
+from drope_megatron.train import checkpointing
+
+
+def _complete(ckpt_dir, *steps):
+    for step in steps:
+        (ckpt_dir / f"step{step:08d}").mkdir(parents=True)
+        (ckpt_dir / f"step{step:08d}" / checkpointing.STATE).write_text("{}")
+
+
+def test_pruning_keeps_the_checkpoint_just_written_over_stale_later_ones(tmp_path):
+    # An earlier run reached step 300; its `latest` was removed and a new run saves step 100.
+    _complete(tmp_path, 200, 300, 100)
+    (tmp_path / "step00000400").mkdir()  # partial (no state file): left for a resume to overwrite
+    checkpointing._prune(tmp_path, "step00000100", keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000100", "step00000400"]
+
+
+def test_pruning_keeps_the_newest_keep_last(tmp_path):
+    _complete(tmp_path, 3, 6, 9, 12)
+    checkpointing._prune(tmp_path, "step00000012", keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step00000009", "step00000012"]
+
+
+def test_latest_naming_a_missing_checkpoint_is_refused_in_one_line(tmp_path):
+    (tmp_path / "latest").write_text("step00000100\n")
+    with pytest.raises(ConfigError, match="names step00000100, which is missing or incomplete"):
+        checkpointing.load(None, tmp_path, {"tp": 1})
