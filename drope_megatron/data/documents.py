@@ -24,14 +24,18 @@ def file_format(paths: list[str]) -> str:
     return kinds.pop()
 
 
-def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int) -> Iterator[list[int] | np.ndarray]:
-    """Token ids of every document of one epoch; text documents end with the tokenizer's EOS."""
+def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
+              start: int = 0) -> Iterator[list[int] | np.ndarray]:
+    """Token ids of the documents of one epoch from its `start`-th on (those before are skipped
+    unread, which is how a resumed run gets back to its place); text documents end with the EOS."""
     if d.format == "megatron":
-        yield from _indexed(d, epoch, seed)
+        yield from _indexed(d, epoch, seed, start)
         return
     dataset = _hf_dataset(d)
     if d.shuffle:
         dataset = dataset.shuffle(seed=seed + epoch)
+    if start:
+        dataset = dataset.skip(start)
     for row in dataset:
         text = row[d.text_key]
         if text:
@@ -55,7 +59,7 @@ def _hf_dataset(d: DataConfig):
     return dataset
 
 
-def _indexed(d: DataConfig, epoch: int, seed: int) -> Iterator[np.ndarray]:
+def _indexed(d: DataConfig, epoch: int, seed: int, start: int) -> Iterator[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     sets = []
@@ -65,7 +69,7 @@ def _indexed(d: DataConfig, epoch: int, seed: int) -> Iterator[np.ndarray]:
         sets.append(IndexedDataset(prefix))
     index = [(i, j) for i, ds in enumerate(sets) for j in range(len(ds))]
     order = np.random.default_rng(seed + epoch).permutation(len(index)) if d.shuffle else range(len(index))
-    for k in order:
+    for k in order[start:]:
         i, j = index[k]
         # A copy: the dataset's memory map closes with this generator, and views into it would not survive.
         yield np.array(sets[i][j])

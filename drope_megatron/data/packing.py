@@ -4,14 +4,14 @@ data-parallel rank.
 
 Block b of the global stream belongs to optimizer step b // global_batch; within a step, every
 micro-step takes dp * micro_batch consecutive blocks and rank r takes its micro_batch of them.
-So the union of blocks of a step does not depend on the world size, and resuming at block
-`position` replays exactly what an uninterrupted run would have seen.
+So the union of blocks of a step does not depend on the world size. The stream's `state()` (where
+the packer stands in the documents, the shuffle window and its RNG) goes into every checkpoint,
+and a stream built from it continues exactly there without reading the documents before it.
 """
 
 from __future__ import annotations
 
-import itertools
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -19,53 +19,90 @@ import torch
 from drope_megatron.config import ConfigError
 
 
-def packed_blocks(epochs: Callable[[int], Iterable], block_len: int) -> Iterator[np.ndarray]:
-    """Concatenate documents (epoch after epoch) and cut [block_len] token blocks, forever."""
-    buffer = np.empty(0, dtype=np.int64)
-    epoch, seen = 0, 0
-    while True:
-        produced = False
-        for doc in epochs(epoch):
-            seen += len(doc)
-            buffer = np.concatenate([buffer, np.asarray(doc, dtype=np.int64)])
-            while len(buffer) >= block_len:
-                produced = True
-                yield buffer[:block_len]
-                buffer = buffer[block_len:]
-        if not produced and epoch == 0:
-            raise ConfigError(f"the dataset has {seen} tokens, fewer than one block of {block_len}: "
-                              "add data or lower model.seq_length")
-        epoch += 1
+class PackedBlocks:
+    """Documents concatenated epoch after epoch and cut into [block_len] token blocks, forever.
+    `epochs(epoch, start)` yields an epoch's documents from its `start`-th on."""
+
+    def __init__(self, epochs: Callable[[int, int], Iterable], block_len: int, state: dict | None = None):
+        self.epochs, self.block_len = epochs, block_len
+        state = state or {"epoch": 0, "doc": 0, "carry": []}
+        self.epoch, self.doc = state["epoch"], state["doc"]
+        self.carry = np.asarray(state["carry"], dtype=np.int64)  # tokens read but not yet in a block
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "doc": self.doc, "carry": self.carry.astype(np.int32)}
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            whole_epoch, produced = self.doc == 0, False
+            for doc in self.epochs(self.epoch, self.doc):
+                self.carry = np.concatenate([self.carry, np.asarray(doc, dtype=np.int64)])
+                self.doc += 1
+                while len(self.carry) >= self.block_len:
+                    block, self.carry = self.carry[:self.block_len], self.carry[self.block_len:]
+                    produced = True
+                    yield block
+            if whole_epoch and not produced and self.epoch == 0:
+                raise ConfigError(f"the dataset has {len(self.carry)} tokens, fewer than one block of "
+                                  f"{self.block_len}: add data or lower model.seq_length")
+            self.epoch, self.doc = self.epoch + 1, 0
 
 
-def shuffled(blocks: Iterator[np.ndarray], window: int, seed: int) -> Iterator[np.ndarray]:
-    """`blocks` in a seeded random order within a window of `window` blocks (a shuffle buffer).
+class ShuffledBlocks:
+    """Blocks in a seeded random order within a window of `window` blocks (a shuffle buffer).
 
     Shuffling documents alone leaves a long document (a book: hundreds of blocks) filling many
     consecutive batches, so the loss swings between sources and a short run sees them in bursts;
-    Megatron's GPTDataset shuffles samples for the same reason. The buffer keeps the stream
-    endless and replayable: the same seed gives the same order."""
-    if window <= 1:
-        yield from blocks
-        return
-    rng = np.random.default_rng(seed)
-    buffer = [block.copy() for block in itertools.islice(blocks, window)]  # copies: views pin whole documents
-    for block in blocks:
-        i = int(rng.integers(len(buffer)))
-        yield buffer[i]
-        buffer[i] = block.copy()
+    Megatron's GPTDataset shuffles samples for the same reason."""
+
+    def __init__(self, blocks: PackedBlocks, window: int, seed: int, state: dict | None = None):
+        self.blocks, self.window = blocks, max(window, 1)
+        self.rng = np.random.default_rng(seed)
+        self.buffer: list[np.ndarray] = []
+        if state is not None:
+            self.rng.bit_generator.state = state["rng"]
+            self.buffer = [row.astype(np.int64) for row in state["window"]]
+
+    def state(self) -> dict[str, Any]:
+        window = np.stack(self.buffer).astype(np.int32) if self.buffer else np.empty((0, 0), np.int32)
+        return {"packed": self.blocks.state(), "rng": self.rng.bit_generator.state, "window": window}
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        source = iter(self.blocks)
+        if self.window == 1:
+            yield from source
+            return
+        while len(self.buffer) < self.window:
+            self.buffer.append(next(source).copy())  # copies: views pin whole documents
+        for block in source:
+            i = int(self.rng.integers(len(self.buffer)))
+            out, self.buffer[i] = self.buffer[i], block.copy()
+            yield out
+
+
+def block_stream(epochs: Callable[[int, int], Iterable], block_len: int, window: int, seed: int,
+                 state: dict | None = None) -> ShuffledBlocks:
+    """The global block stream (`window` 0 or 1: documents' own order), from a saved `state`."""
+    packed = PackedBlocks(epochs, block_len, state["packed"] if state else None)
+    return ShuffledBlocks(packed, window, seed, state)
 
 
 class BatchStream:
-    """This rank's micro-batches ([micro_batch, seq_length + 1] token blocks), from global block `position`."""
+    """This rank's micro-batches ([micro_batch, seq_length + 1] token blocks), from global block `position`.
 
-    def __init__(self, blocks: Iterator[np.ndarray], micro_batch: int, dp_rank: int, dp_size: int,
-                 position: int = 0):
-        self.blocks, self.micro, self.rank, self.dp = blocks, micro_batch, dp_rank, dp_size
-        self.position = 0
-        for _ in range(position):  # replay the stream to where the checkpoint left it
+    `blocks` built from a checkpoint's `state()` already stands at `position`; without a state (an
+    older checkpoint) the stream is replayed from the start to `position`."""
+
+    def __init__(self, blocks: ShuffledBlocks, micro_batch: int, dp_rank: int, dp_size: int,
+                 position: int = 0, replay: bool = False):
+        self.source, self.micro, self.rank, self.dp = blocks, micro_batch, dp_rank, dp_size
+        self.blocks = iter(blocks)
+        self.position = position
+        for _ in range(position if replay else 0):
             next(self.blocks)
-            self.position += 1
+
+    def state(self) -> dict[str, Any]:
+        return self.source.state()
 
     def next_micro_batch(self) -> torch.Tensor:
         group = [next(self.blocks) for _ in range(self.micro * self.dp)]

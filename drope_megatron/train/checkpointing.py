@@ -1,4 +1,4 @@
-"""Resumable training checkpoints: DeepSpeed's engine state plus ours (step, data position, RNG).
+"""Resumable training checkpoints: DeepSpeed's engine state plus ours (step, data stream, RNG).
 
     RUN/checkpoints/step00000100/   DeepSpeed files (model, optimizer, scheduler) + drope_state.json
     RUN/checkpoints/latest          the tag of the newest complete checkpoint
@@ -46,10 +46,12 @@ def set_rng_state(state: dict[str, Any]) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def save(engine, ckpt_dir: Path, step: int, position: int, layout: dict[str, int], keep_last: int) -> str:
-    """Collective: write checkpoint `step`, then publish it as latest and prune old ones."""
+def save(engine, ckpt_dir: Path, step: int, position: int, layout: dict[str, int], keep_last: int,
+         data: dict[str, Any]) -> str:
+    """Collective: write checkpoint `step` (with the data stream's `data` state), then publish it as
+    latest and prune old ones."""
     tag = f"step{step:08d}"
-    client = {"step": step, "data_position": position, "rng": rng_state()}
+    client = {"step": step, "data_position": position, "rng": rng_state(), "data": data}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     dist.barrier()
     if dist.get_rank() == 0:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ModelConfig, Recipe
 from drope_megatron.data.documents import documents
-from drope_megatron.data.packing import BatchStream, packed_blocks, shuffled
+from drope_megatron.data.packing import BatchStream, block_stream
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
 from drope_megatron.train import checkpointing, engine as ds_engine
@@ -93,10 +93,12 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
-        blocks = packed_blocks(lambda epoch: documents(recipe.data, tok, epoch, t.seed), m.seq_length + 1)
-        if recipe.data.shuffle:
-            blocks = shuffled(blocks, recipe.data.shuffle_window, t.seed)
-        stream = BatchStream(blocks, t.micro_batch_size, parallel_state.get_data_parallel_rank(), dp, position)
+        saved = client.get("data") if client else None  # checkpoints before data states: replayed
+        blocks = block_stream(lambda epoch, start: documents(recipe.data, tok, epoch, t.seed, start),
+                              m.seq_length + 1, recipe.data.shuffle_window if recipe.data.shuffle else 0, t.seed,
+                              saved)
+        stream = BatchStream(blocks, t.micro_batch_size, parallel_state.get_data_parallel_rank(), dp, position,
+                             replay=client is not None and saved is None)
         log = MetricsLog(run_dir, t.tensorboard, enabled=env.rank == 0)
         try:
             last = _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress and env.rank == 0)
@@ -179,7 +181,7 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update()
         if ckpt_dir and (step == t.steps or (t.save_interval and step % t.save_interval == 0)):
-            checkpointing.save(engine, ckpt_dir, step, stream.position, layout, t.keep_last)
+            checkpointing.save(engine, ckpt_dir, step, stream.position, layout, t.keep_last, stream.state())
     bar.close()
     return {"step": step, **last}
 

@@ -1,4 +1,5 @@
-"""Packing documents into blocks, the shuffle window, and the resumable per-rank batch stream."""
+"""Packing documents into blocks, the shuffle window, the stream's saved state, and the per-rank
+batch stream."""
 
 from __future__ import annotations
 
@@ -8,26 +9,30 @@ import numpy as np
 import pytest
 
 from drope_megatron.config import ConfigError
-from drope_megatron.data.packing import BatchStream, packed_blocks, shuffled
+from drope_megatron.data.packing import BatchStream, PackedBlocks, block_stream
 
 
-def _book_and_notes(epoch):
+def _book_and_notes(epoch, start=0):
     """One long document (40 blocks of 4, tokens < 160) between one-block notes; every token
     unique within an epoch."""
     notes = [list(range(160 + 4 * k, 164 + 4 * k)) for k in range(200)]
-    return [*notes[:100], list(range(160)), *notes[100:]]
+    return [*notes[:100], list(range(160)), *notes[100:]][start:]
+
+
+def _first(stream, n):
+    return [b.tolist() for b in itertools.islice(iter(stream), n)]
 
 
 def test_documents_are_concatenated_and_cut_into_blocks_epoch_after_epoch():
-    blocks = packed_blocks(lambda epoch: [[epoch, 7], [epoch, 8, 9]], 3)
-    assert [b.tolist() for b in itertools.islice(blocks, 4)] == [[0, 7, 0], [8, 9, 1], [7, 1, 8], [9, 2, 7]]
+    blocks = PackedBlocks(lambda epoch, start: [[epoch, 7], [epoch, 8, 9]][start:], 3)
+    assert _first(blocks, 4) == [[0, 7, 0], [8, 9, 1], [7, 1, 8], [9, 2, 7]]
     with pytest.raises(ConfigError, match="fewer than one block"):
-        next(packed_blocks(lambda epoch: [[1, 2]], 3))
+        next(iter(PackedBlocks(lambda epoch, start: [[1, 2]][start:], 3)))
 
 
 def test_shuffle_window_spreads_a_long_document_and_replays_by_seed():
     def first(window, seed, n=240):
-        return [b.tolist() for b in itertools.islice(shuffled(packed_blocks(_book_and_notes, 4), window, seed), n)]
+        return _first(block_stream(_book_and_notes, 4, window, seed), n)
 
     def longest_run(blocks):
         return max(len(list(run)) for in_book, run in itertools.groupby(b[0] < 160 for b in blocks) if in_book)
@@ -38,22 +43,45 @@ def test_shuffle_window_spreads_a_long_document_and_replays_by_seed():
     # nothing is lost or made up: a window reorders the same blocks
     served = [tuple(b) for b in first(64, 0, 150)]
     assert len(set(served)) == 150
-    assert set(served) <= {tuple(b.tolist()) for b in itertools.islice(packed_blocks(_book_and_notes, 4), 150 + 63)}
+    assert set(served) <= {tuple(b) for b in _first(PackedBlocks(_book_and_notes, 4), 150 + 63)}
 
 
 def test_shuffled_blocks_are_copies_not_views_of_whole_documents():
-    blocks = shuffled(packed_blocks(_book_and_notes, 4), 8, 0)
+    blocks = iter(block_stream(_book_and_notes, 4, 8, 0))
     assert all(next(blocks).base is None for _ in range(20))
 
 
-def test_a_resumed_stream_replays_what_an_uninterrupted_one_serves():
-    def stream(position, rank=0):
-        return BatchStream(shuffled(packed_blocks(_book_and_notes, 5), 16, 3), micro_batch=2, dp_rank=rank,
-                           dp_size=2, position=position)
+@pytest.mark.parametrize("window", [0, 16])
+def test_a_stream_built_from_a_saved_state_continues_without_reading_earlier_documents(window):
+    reads = []
 
-    whole = stream(0)
-    batches = [whole.next_micro_batch() for _ in range(6)]
-    resumed = stream(whole.position - 8)
-    assert all((resumed.next_micro_batch() == b).all() for b in batches[-2:])
-    other = stream(0, rank=1)  # the other rank takes the other half of the same group
+    def epochs(epoch, start):
+        reads.append((epoch, start))
+        return _book_and_notes(epoch, start)
+
+    stream = block_stream(epochs, 5, window, seed=3)
+    blocks = iter(stream)
+    for _ in range(230):  # into the second epoch, mid-document
+        next(blocks)
+    state = stream.state()
+    expected = [next(blocks).tolist() for _ in range(300)]
+    reads.clear()
+    again = block_stream(epochs, 5, window, seed=3, state=state)
+    assert _first(again, 300) == expected
+    assert reads[0] == (state["packed"]["epoch"], state["packed"]["doc"]) and reads[0][1] > 0
+
+
+def test_a_resumed_stream_replays_what_an_uninterrupted_one_serves():
+    def stream(position=0, state=None, rank=0, replay=False):
+        return BatchStream(block_stream(_book_and_notes, 5, 16, 3, state), micro_batch=2, dp_rank=rank,
+                           dp_size=2, position=position, replay=replay)
+
+    whole = stream()
+    batches = [whole.next_micro_batch() for _ in range(4)]
+    state, position = whole.state(), whole.position
+    batches += [whole.next_micro_batch() for _ in range(2)]
+    for resumed in (stream(position, state), stream(position, replay=True)):  # from a state, or replayed
+        assert all((resumed.next_micro_batch() == b).all() for b in batches[-2:])
+        assert resumed.position == whole.position
+    other = stream(rank=1)  # the other rank takes the other half of the same group
     assert not (other.next_micro_batch() == batches[0]).all()
