@@ -153,27 +153,29 @@ def attempt_prefix(store: dist.Store, rank: int, world_size: int, timeout: datet
     """A store prefix agreed by every worker of this attempt and used by no earlier one.
 
     TORCHELASTIC_RESTART_COUNT is not it: on a multi-node job a healthy node restarts its
-    workers without counting a restart. Instead each worker posts a fresh nonce; rank 0 answers
-    every nonce it reads with its own fresh token, and waits until each rank has joined under
-    that token. A stale nonce from a dead attempt gets an answer nobody reads.
+    workers without counting a restart. Instead each worker appends a fresh nonce to a log in the
+    store; rank 0 answers every nonce it reads with its own fresh token, and waits until each rank
+    has joined under that token. A stale nonce from a dead attempt gets an answer nobody reads.
+    Rank 0 reads only the log's new entries, so a poll costs O(new workers), not O(world size).
     """
     if rank != 0:
         nonce = uuid.uuid4().hex
-        store.set(f"drope/hello/{rank}", nonce)
+        store.set(f"drope/hello/{store.add('drope/hellos', 1)}", nonce)
         token = store.get(f"drope/reply/{nonce}").decode()  # waits up to the store's timeout
         store.add(f"drope/{token}/joined", 1)
         return f"drope/{token}/"
-    token, answered = uuid.uuid4().hex, set()
+    token, counted, unread = uuid.uuid4().hex, 0, set()
     deadline = time.monotonic() + timeout.total_seconds()
     while store.add(f"drope/{token}/joined", 0) < world_size - 1:
         if time.monotonic() > deadline:
             raise TimeoutError(f"not every rank joined within {timeout}: check that all {world_size} started")
-        for r in range(1, world_size):
-            if store.check([f"drope/hello/{r}"]):
-                nonce = store.get(f"drope/hello/{r}").decode()
-                if nonce not in answered:
-                    store.set(f"drope/reply/{nonce}", token)
-                    answered.add(nonce)
+        total = store.add("drope/hellos", 0)
+        unread.update(range(counted + 1, total + 1))
+        counted = total
+        # An entry counted but not written yet (its worker between add and set, or killed there) waits.
+        for i in [i for i in unread if store.check([f"drope/hello/{i}"])]:
+            store.set(f"drope/reply/{store.get(f'drope/hello/{i}').decode()}", token)
+            unread.discard(i)
         time.sleep(0.02)
     return f"drope/{token}/"
 
