@@ -72,14 +72,14 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
     _barrier()
     try:
         dist_checkpointing.save(sharded if sharded is not None else model.sharded_state_dict(), str(tmp / "weights"))
+        if rank0:
+            # The live model is the truth for what it computes: its padding and its current phase.
+            m = dataclasses.replace(m, padded_vocab_size=model.vocab_size, phase=model.phase,
+                                    rope_layers=model.rope_layers if model.phase == "layers" else m.rope_layers)
+            _publish(tmp, dst, m, extra, tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if rank0:
-        # The live model is the truth for what it computes: its padding and its current phase.
-        m = dataclasses.replace(m, padded_vocab_size=model.vocab_size, phase=model.phase,
-                                rope_layers=model.rope_layers if model.phase == "layers" else m.rope_layers)
-        _publish(tmp, dst, m, extra, tokenizer)
     _barrier()
     return dst
 
@@ -281,7 +281,8 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
 
 
 def _copy_tokenizer(src: Path | None, dst: Path) -> None:
-    from drope_megatron.data.tokenizer import SENTENCEPIECE
+    """The tokenizer's files only: `src` may be a whole model folder (`data.tokenizer` can point at one)."""
+    from drope_megatron.data.tokenizer import SENTENCEPIECE, TOKENIZER_FILES
 
     if src is None:
         return
@@ -289,8 +290,11 @@ def _copy_tokenizer(src: Path | None, dst: Path) -> None:
     if src.is_file():
         dst.mkdir()
         shutil.copy2(src, dst / SENTENCEPIECE)
-    elif src.is_dir() and any(src.iterdir()):
-        shutil.copytree(src, dst)
+    elif src.is_dir() and any((src / name).is_file() for name in TOKENIZER_FILES):
+        dst.mkdir()
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copy2(src / name, dst / name)
 
 
 def _barrier() -> None:

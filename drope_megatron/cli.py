@@ -107,7 +107,7 @@ def cmd_convert(args) -> int:
         return 0
     print(f"max |diff| {result['max_abs_diff']:.3e}  mean |diff| {result['mean_abs_diff']:.3e}  "
           f"top-1 agreement {result['top1_agreement']:.4f}  ({result['tokens']} tokens, {result['dtype']})")
-    if result["max_abs_diff"] > args.atol:
+    if not result["max_abs_diff"] <= args.atol:  # NaN logits fail too
         print(f"drope: error: logits differ by {result['max_abs_diff']:.3e} > --atol {args.atol}", file=sys.stderr)
         return 1
     return 0

@@ -144,9 +144,12 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
     kwargs.update({k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if "max_position_embeddings" in hf:
         kwargs["max_position_embeddings"] = hf["max_position_embeddings"]
+    if m.qkv_bias and not family.qkv_bias:
+        if family.name == "mistral":
+            raise ConfigError("MistralForCausalLM has no attention biases; refusing to drop the model's q/k/v biases")
+        kwargs["attention_bias"] = True  # q, k, v and o in these families: o's bias is written as zeros
     if family.per_layer_nope:
-        kwargs.update(no_rope_layers=[int(f) for f in flags], use_sliding_window=False, sliding_window=None,
-                      attention_bias=m.qkv_bias)
+        kwargs.update(no_rope_layers=[int(f) for f in flags], use_sliding_window=False, sliding_window=None)
     elif family.sliding_window:
         kwargs.update(sliding_window=None, use_sliding_window=False)
     model_type = family.model_types[0]

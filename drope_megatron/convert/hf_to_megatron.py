@@ -21,8 +21,6 @@ from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.families import family_for
 from drope_megatron.convert.safetensors_io import SafetensorsReader
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 def read_source(src: Path, allow_sliding_window: bool):
     from transformers import AutoConfig
@@ -55,10 +53,9 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
         with distributed.session(single=True):
             keys = checkpoint.sharded_keys(m, ParallelConfig())
             parts = _parts(keys, reader, tensors.Shapes.of(m, m.padded_vocab_size), show_progress)
-            with _staged_tokenizer(src, dst) as tokenizer_dir:
-                checkpoint.save_in_parts(parts, m, dst, extra={"source": hf_config.source_record(cfg, family),
-                                                               "written_for": {"tp": tp, "pp": pp}},
-                                         tokenizer=tokenizer_dir)
+            # The source folder's tokenizer and generation files travel; its weights and config do not.
+            checkpoint.save_in_parts(parts, m, dst, extra={"source": hf_config.source_record(cfg, family),
+                                                           "written_for": {"tp": tp, "pp": pp}}, tokenizer=src)
     except BaseException:
         shutil.rmtree(atomic.staging_dir(dst), ignore_errors=True)  # no partial output
         raise
@@ -103,21 +100,3 @@ def _tensor(name: str, shape: tuple, reader: SafetensorsReader, shapes: tensors.
             raise ConfigError(f"tensor {hf_name} has shape {list(part.shape)} but config.json implies "
                               f"{list(expected)}: the weights do not match the config")
     return tensors.to_megatron(rule.how, [p.to(dtype) for p in parts], shapes).contiguous()
-
-
-class _staged_tokenizer:
-    """The source's tokenizer and generation files, gathered in a folder beside the output."""
-
-    def __init__(self, src: Path, dst: Path):
-        self.src, self.folder = src, dst.with_name(f".{dst.name}.tokenizer")
-
-    def __enter__(self) -> Path:
-        shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir(parents=True)
-        for name in TOKENIZER_FILES:
-            if (self.src / name).is_file():
-                shutil.copy2(self.src / name, self.folder / name)
-        return self.folder
-
-    def __exit__(self, *exc) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)

@@ -13,17 +13,19 @@ import shutil
 from pathlib import Path
 
 from drope_megatron.config import ConfigError
-from drope_megatron.data.tokenizer import SENTENCEPIECE
+from drope_megatron.data.tokenizer import SENTENCEPIECE, TOKENIZER_FILES
 
 # Newlines, runs of spaces, digits, non-Latin text and byte fallback: where converters go wrong.
 PROBE = "The pass key is 12345.\n\nACT I.  SCENE 1 --  naïve café, 東京 🙂\tend"
 
 
 def copy_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the checkpoint's tokenizer folder `src` into the export folder `dst`, adding
-    Hugging Face tokenizer files when it holds only a sentencepiece model."""
-    for item in src.iterdir():
-        shutil.copy2(item, dst / item.name)
+    """Copy the tokenizer files of the checkpoint's tokenizer folder `src` into the export folder
+    `dst` (nothing else: never a model's config or weights), adding Hugging Face tokenizer files
+    when it holds only a sentencepiece model."""
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
     if (dst / SENTENCEPIECE).is_file() and not (dst / "tokenizer_config.json").is_file():
         _from_sentencepiece(dst)
 

@@ -41,11 +41,13 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     staging.mkdir(parents=True)
     try:
         with distributed.session(single=True):
-            _write_tensors(_read_by_layer(src), m, family.per_layer_nope, ShardedWriter(staging, max_shard_bytes),
+            # A family without Qwen2's own qkv biases carries them as attention_bias, which adds o's too.
+            zero_o_bias = m.qkv_bias and not family.qkv_bias
+            _write_tensors(_read_by_layer(src), m, zero_o_bias, ShardedWriter(staging, max_shard_bytes),
                            out_dtype, show_progress)
-        cfg.save_pretrained(str(staging))
-        if (src / "tokenizer").is_dir():
+        if (src / "tokenizer").is_dir():  # first: nothing in it may replace the model's own files
             hf_tokenizer.copy_tokenizer(src / "tokenizer", staging)
+        cfg.save_pretrained(str(staging))
         atomic.publish_dir(staging, dst)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -73,8 +75,7 @@ def _write_tensors(named, m, zero_o_bias: bool, writer: ShardedWriter, dtype: to
         rule = tensors.mapping_for(name)
         for hf_name, hf_tensor in zip(rule.hf, tensors.to_hf(rule.how, tensor, shapes)):
             writer.add(hf_name, hf_tensor.to(dtype))
-        if zero_o_bias and m.qkv_bias and rule.how == "qkv" and name.endswith(".bias"):
-            # SmolLM3's attention_bias covers q, k, v and o; Qwen2-style models have no o bias.
+        if zero_o_bias and rule.how == "qkv" and name.endswith(".bias"):
             o_bias = rule.hf[0].replace("q_proj", "o_proj")
             writer.add(o_bias, torch.zeros(m.hidden_size, dtype=dtype))
     writer.close()

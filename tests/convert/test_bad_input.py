@@ -134,6 +134,16 @@ def test_damaged_checkpoints_and_bad_verify_input(good_hf, tmp_path):
     proc = drope("convert", "megatron-to-hf", str(broken), str(tmp_path / "out2"), "--quiet")
     assert proc.returncode == 2 and "is not valid JSON" in proc.stderr
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
+    # NaN logits are a failed comparison, not a pass (NaN > atol is False)
+    from safetensors.torch import load_file, save_file
+
+    nan = tmp_path / "nan"
+    shutil.copytree(good_hf, nan)
+    tensors = load_file(nan / "model.safetensors")
+    tensors["model.norm.weight"][0] = float("nan")
+    save_file(tensors, nan / "model.safetensors", metadata={"format": "pt"})
+    proc = drope("convert", "verify", str(nan), str(meg))
+    assert proc.returncode == 1 and "logits differ by nan" in proc.stderr, proc.stderr[-500:]
 
 
 def test_export_of_a_non_checkpoint_is_refused(tmp_path):

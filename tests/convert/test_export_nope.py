@@ -119,3 +119,49 @@ def test_model_trained_here_exports_as_llama(tmp_path):
     tokens = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(megatron_logits(tmp_path / "own", tokens), hf(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_a_model_folder_given_as_tokenizer_lends_only_its_tokenizer_files(tmp_path):
+    """`data.tokenizer` may name a whole Hugging Face model folder: its config and weights must not
+    ride along into the checkpoint, nor replace the exported model's own."""
+    from transformers import AutoModelForCausalLM
+
+    hf_dir, meg_dir, drope_dir = tmp_path / "hf", tmp_path / "meg", tmp_path / "drope"
+    save_hf_model(hf_dir, hf_config("llama"))
+    convert(hf_dir, meg_dir, show_progress=False)
+    with distributed.session(single=True):
+        model, m = checkpoint.load_model(meg_dir, ParallelConfig())
+        model.set_phase("drope")
+        checkpoint.save(model, m, drope_dir, extra={"source": checkpoint.read_meta(meg_dir)["source"]},
+                        tokenizer=hf_dir)
+    assert {p.name for p in (drope_dir / "tokenizer").iterdir()} == {"generation_config.json"}
+    export(drope_dir, tmp_path / "out", show_progress=False)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    assert type(hf).__name__ == "SmolLM3ForCausalLM"
+    tokens = torch.randint(0, 300, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(megatron_logits(drope_dir, tokens), hf(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_qkv_biases_with_head_norms_trained_here_export_to_qwen3_with_attention_bias(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from drope_megatron.config import load_recipe
+    from drope_megatron.model import build_model
+
+    recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                "model.num_query_groups=2", "model.vocab_size=100", "model.init_method_std=0.1",
+                                "model.qk_head_norm=true", "model.qkv_bias=true"])
+    with distributed.session(single=True):
+        model = build_model(recipe.model, recipe.parallel)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)  # megatron starts biases at 0: make them matter
+        checkpoint.save(model, recipe.model, tmp_path / "own")
+    assert "Qwen3ForCausalLM" in export(tmp_path / "own", tmp_path / "out", show_progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_bias"] is True
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "out")).eval()
+    tokens = torch.randint(0, 100, (1, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(megatron_logits(tmp_path / "own", tokens), hf(tokens).logits, rtol=0, atol=1e-4)
