@@ -130,15 +130,15 @@ def cmd_eval(args) -> int:
              "data": args.data, "text_key": args.text_key, "documents": args.documents, "seed": args.seed,
              "depths": _depths(args.depths), "samples": args.samples}
     e = dataclasses.replace(e, **{k: v for k, v in flags.items() if v is not None})
-    bad = [b for b in e.baselines if b not in ("pi", "ntk", "yarn")]
+    from drope_megatron.eval.scaling import BASELINES
+
+    bad = [b for b in e.baselines if b not in BASELINES]
     if bad:
-        raise ConfigError(f"--baselines has {bad[0]!r}: use pi, ntk, yarn")
+        raise ConfigError(f"--baselines has {bad[0]!r}: use {', '.join(BASELINES)}")
     validate(Recipe(eval=e))
     from drope_megatron.eval.runner import parse_models, run
 
     models = parse_models(args.models)
-    if "ppl" in e.tasks and not e.data:
-        raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
     if args.quiet:  # datasets reads this at import
         os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     results = run(models, e, args.out, overwrite=args.overwrite, tp=args.tp, dtype=args.dtype,

@@ -1,7 +1,7 @@
 """The models evaluation runs: a Megatron checkpoint (our model) or a Hugging Face folder (transformers).
 
-Both answer the same three questions: `logits(tokens)` over the tokenizer's real vocabulary (fp32,
-padding rows cut), `use(method, length)` to switch RoPE scaling for a target length, and what the
+Both answer the same three questions: `logits(tokens, keep)` over the model's real vocabulary (in
+the model's dtype, padding rows cut; the last `keep` positions only when a caller needs no more), `use(method, length)` to switch RoPE scaling for a target length, and what the
 model is (training length, positional phase, tokenizer).
 """
 
@@ -53,6 +53,7 @@ class MegatronBackend:
             self.model.cuda()
         m = self.config
         self.train_length, self.phase, self.vocab_size = m.seq_length, m.phase, m.vocab_size
+        self.scaled = None if m.rope_scaling.type == "none" else m.rope_scaling.type
         self.device = next(self.model.parameters()).device
 
     @cached_property
@@ -61,20 +62,20 @@ class MegatronBackend:
 
     def use(self, method: str, length: int) -> None:
         m = self.config
-        if method != "none" and m.rope_scaling.type != "none":
-            raise ConfigError(f"{self.path} already uses {m.rope_scaling.type} RoPE scaling: baselines apply to "
-                              "plain RoPE models")
+        if method != "none" and self.scaled:
+            raise ConfigError(f"{self.path} already uses {self.scaled} RoPE scaling: baselines apply to plain "
+                              "RoPE models")
         if method == "none":
             self.model.set_rotary(m.rotary_base, m.rope_scaling)
             return
         rotary = scaling.rotary_for(method, m.rotary_base, m.head_dim, self.train_length, length)
         self.model.set_rotary(rotary.base, rotary.scaling)
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, keep: int = 0) -> torch.Tensor:
         from drope_megatron.model.pipeline import forward_logits
 
         out = forward_logits(self.model, tokens.to(self.device))
-        return out[..., : self.vocab_size].float()
+        return out[:, -keep:, : self.vocab_size]
 
 
 class HFBackend:
@@ -94,33 +95,44 @@ class HFBackend:
         if torch.cuda.is_available():
             self.model.cuda()
         self.device = next(self.model.parameters()).device
-        rp = dict(getattr(config, "rope_parameters", None) or {})
-        self.base = float(rp.get("rope_theta", 10000.0))
-        self.rope_type = rp.get("rope_type", "default")
-        self.train_length = int(rp.get("original_max_position_embeddings") or config.max_position_embeddings)
+        self.rope = dict(getattr(config, "rope_parameters", None) or {})  # as loaded; "none" restores it
+        self.max_positions = config.max_position_embeddings
+        self.base = float(self.rope.get("rope_theta", 10000.0))
+        # Per-layer-type parameters (Gemma 3: {"sliding_attention": {...}, ...}) are not one rotary to stretch.
+        nested = any(isinstance(v, dict) for v in self.rope.values())
+        kind = "per-layer-type" if nested else self.rope.get("rope_type", "default")
+        self.scaled = None if kind == "default" else kind  # a RoPE scaling the model already has
+        self.train_length = int(self.rope.get("original_max_position_embeddings") or config.max_position_embeddings)
         self.phase = _hf_phase(config)
         self.vocab_size = config.vocab_size
+        self.method = "none"
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return _tokenizer(self.path)
 
     def use(self, method: str, length: int) -> None:
-        if method != "none" and self.rope_type != "default":
-            raise ConfigError(f"{self.path} already uses {self.rope_type} RoPE scaling: baselines apply to plain "
+        if method != "none" and self.scaled:
+            raise ConfigError(f"{self.path} already uses {self.scaled} RoPE scaling: baselines apply to plain "
                               "RoPE models")
-        if method == "none" and self.rope_type != "default":
+        if method == self.method == "none":
             return
         config = self.model.config
-        config.rope_parameters = scaling.hf_rope_parameters(method, self.base, self.train_length, length)
-        config.max_position_embeddings = self.train_length
-        rotary = self.model.model.rotary_emb
-        self.model.model.rotary_emb = type(rotary)(config=config).to(self.device)
+        # Only the scaling keys change: the rest (partial_rotary_factor of Phi, GPT-NeoX) stays.
+        config.rope_parameters = {**self.rope, **scaling.hf_rope_parameters(method, self.base, self.train_length,
+                                                                            length)}
+        config.max_position_embeddings = self.max_positions if method == "none" else self.train_length
+        owner = self.model.base_model
+        if not isinstance(getattr(owner, "rotary_emb", None), torch.nn.Module):
+            raise ConfigError(f"{self.path}: {type(self.model).__name__} has no shared rotary module to stretch; "
+                              "evaluate it without --baselines")
+        owner.rotary_emb = type(owner.rotary_emb)(config=config).to(self.device)
+        self.method = method
 
-    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            out = self.model(input_ids=tokens.to(self.device), use_cache=False).logits
-        return out[..., : self.vocab_size].float()
+    def logits(self, tokens: torch.Tensor, keep: int = 0) -> torch.Tensor:
+        with torch.no_grad():  # logits_to_keep: the output layer runs on those positions only
+            out = self.model(input_ids=tokens.to(self.device), use_cache=False, logits_to_keep=keep).logits
+        return out[..., : self.vocab_size]
 
 
 def _hf_phase(config) -> str:
@@ -133,5 +145,5 @@ def _hf_phase(config) -> str:
 
 def describe(backend) -> dict:
     return {"path": str(backend.path), "train_length": backend.train_length, "phase": backend.phase,
-            "backend": type(backend).__name__}
+            "rope_scaling": backend.scaled, "backend": type(backend).__name__}
 

@@ -20,8 +20,6 @@ from drope_megatron.data.tokenizer import Tokenizer
 def long_documents(paths: list[str], tokenizer: Tokenizer, min_tokens: int, limit: int,
                    text_key: str = "text") -> list[list[int]]:
     """The first `limit` documents (in file order) of at least `min_tokens` tokens, cut to that length."""
-    if not paths:
-        raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
     d = DataConfig(paths=list(paths), format=file_format(paths), text_key=text_key, shuffle=False)
     found, longest = [], 0
     for doc in documents(d, tokenizer, epoch=0, seed=0):
@@ -36,11 +34,15 @@ def long_documents(paths: list[str], tokenizer: Tokenizer, min_tokens: int, limi
     return found
 
 
-def token_losses(backend, tokens: list[int]) -> torch.Tensor:
-    """Next-token loss at positions 1..len-1 (nats), in fp32."""
+def token_losses(backend, tokens: list[int], chunk: int = 4096) -> torch.Tensor:
+    """Next-token loss at positions 1..len-1 (nats), in fp32. The loss is taken `chunk` positions
+    at a time: an fp32 copy of all logits (plus cross-entropy's own) is several times the model's
+    logits, which at 32k tokens x a 128k vocabulary are already 8 GB in bf16."""
     ids = torch.tensor([tokens], dtype=torch.long)
     logits = backend.logits(ids)[0, :-1]
-    return F.cross_entropy(logits, ids[0, 1:].to(logits.device), reduction="none").cpu()
+    targets = ids[0, 1:].to(logits.device)
+    return torch.cat([F.cross_entropy(logits[i:i + chunk].float(), targets[i:i + chunk], reduction="none").cpu()
+                      for i in range(0, len(targets), chunk)])
 
 
 def perplexity(backend, docs: list[list[int]], length: int, bins: int = 32, progress: bool = False,

@@ -3,8 +3,7 @@
 Greedy decoding reproduces the answer's tokens exactly when, fed the prompt and the answer, the
 model's argmax at every answer position is the answer's next token: generation and teacher
 forcing agree up to the first mistake. So one forward pass scores a sample exactly, instead of
-one pass per generated token; `generate` does real step-by-step decoding for showing outputs
-(and the test that checks the two agree).
+one pass per generated token (a test checks the two agree).
 """
 
 from __future__ import annotations
@@ -20,21 +19,11 @@ from drope_megatron.eval.tasks import Sample, make_sample
 def score(backend, sample: Sample) -> tuple[bool, list[int]]:
     """(greedy output equals the answer, the greedy tokens up to and including the first miss)."""
     ids = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.long)
-    logits = backend.logits(ids)[0, len(sample.prompt) - 1:]
-    predicted = logits.argmax(-1).tolist()
+    predicted = backend.logits(ids, keep=len(sample.answer))[0].argmax(-1).tolist()
     for i, (p, a) in enumerate(zip(predicted, sample.answer)):
         if p != a:
             return False, predicted[:i + 1]
     return True, predicted
-
-
-def generate(backend, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy decoding by full recomputation (no cache): exact at any TP, slow for long outputs."""
-    ids = list(prompt)
-    for _ in range(new_tokens):
-        logits = backend.logits(torch.tensor([ids], dtype=torch.long))
-        ids.append(int(logits[0, -1].argmax()))
-    return ids[len(prompt):]
 
 
 def samples(task: str, tokenizer, length: int, depths: list[float], per_depth: int, seed: int) -> list[Sample]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -48,6 +49,8 @@ def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = Fal
     """Evaluate, then write the report to `out` on rank 0; returns the results there (None elsewhere)."""
     atomic.refuse_existing(out, overwrite)
     names = expand_tasks(e.tasks)
+    if "ppl" in names and not e.data:
+        raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
     results = {"lengths": list(e.lengths), "tasks": names, "seed": e.seed, "models": {}, "rows": {}, "seconds": {}}
     with distributed.session(ParallelConfig(tensor_model_parallel_size=tp), e.seed) as env:
         for label, path in models.items():
@@ -66,7 +69,10 @@ def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = Fal
 
 def _evaluate(backend, label: str, e: EvalConfig, names: list[str], progress: bool) -> dict[str, dict]:
     lengths = {text: parse_length(text, backend.train_length, key="--lengths") for text in e.lengths}
-    methods = ["none", *e.baselines] if backend.phase == "rope" else ["none"]
+    methods = ["none", *e.baselines] if backend.phase == "rope" and not backend.scaled else ["none"]
+    if e.baselines and backend.scaled and progress:
+        print(f"drope eval: {label} already uses {backend.scaled} RoPE scaling; baselines are run on plain RoPE "
+              "models only", file=sys.stderr)
     docs = (perplexity.long_documents(e.data, backend.tokenizer, max(lengths.values()), e.documents, e.text_key)
             if "ppl" in names else [])
     prompts = {(task, text): retrieval.samples(task, backend.tokenizer, tokens, e.depths, e.samples, e.seed)

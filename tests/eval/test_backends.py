@@ -1,0 +1,58 @@
+"""Evaluation backends on model families with their own rotary set-ups: baselines stretch only the
+scaling, keep the rest (partial rotary), and plain RoPE comes back exactly; a model that already
+has a RoPE scaling is evaluated as it is. Logits of the last positions only, and losses taken in
+chunks, equal the whole computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from drope_megatron.config import ConfigError, EvalConfig
+from drope_megatron.eval import runner
+from drope_megatron.eval.backends import HFBackend
+from drope_megatron.eval.perplexity import token_losses
+from tests.eval.conftest import VOCAB
+
+TRAIN = 32
+
+
+def _save(folder, family: str, vocab_size: int = 100, **extra):
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    cfg = CONFIG_MAPPING[family](vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=4, max_position_embeddings=TRAIN, **extra)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(str(folder))
+    return folder
+
+
+@pytest.mark.parametrize("family", ["phi", "gpt_neox"])  # partial rotary: 50 % and 25 % of each head
+def test_baselines_keep_partial_rotary_and_plain_rope_returns(tmp_path, family):
+    backend = HFBackend(_save(tmp_path / family, family, partial_rotary_factor=0.5 if family == "phi" else 0.25),
+                        "float32")
+    ids = torch.randint(0, 100, (1, 4 * TRAIN), generator=torch.Generator().manual_seed(0))
+    plain = backend.logits(ids)
+    assert torch.allclose(backend.logits(ids, keep=3), plain[:, -3:], atol=1e-5)  # the output layer on 3 only
+    whole = torch.nn.functional.cross_entropy(plain[0, :-1], ids[0, 1:], reduction="none")
+    assert torch.allclose(token_losses(backend, ids[0].tolist(), chunk=5), whole, atol=1e-5)
+    frequencies = backend.model.base_model.rotary_emb.inv_freq.numel()
+    for method in ("pi", "ntk", "yarn"):
+        backend.use(method, 4 * TRAIN)
+        assert backend.model.base_model.rotary_emb.inv_freq.numel() == frequencies
+        assert not torch.allclose(backend.logits(ids), plain)
+        backend.use("none", 4 * TRAIN)
+        assert torch.equal(backend.logits(ids), plain)
+
+
+def test_an_already_scaled_model_is_evaluated_as_it_is(tmp_path, corpus):
+    folder = _save(tmp_path / "scaled", "llama", vocab_size=VOCAB,
+                   rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    backend = HFBackend(folder, "float32")
+    assert backend.scaled == "linear"
+    with pytest.raises(ConfigError, match="already uses linear RoPE scaling"):
+        backend.use("pi", 4 * TRAIN)
+    (folder / "tokenizer.model").write_bytes((corpus / "tokenizer.model").read_bytes())
+    e = EvalConfig(lengths=["256"], tasks=["passkey"], baselines=["pi", "yarn"], depths=[0.5], samples=1)
+    results = runner.run({"scaled": folder}, e, tmp_path / "report", progress=False)
+    assert list(results["rows"]) == ["scaled"] and results["models"]["scaled"]["rope_scaling"] == "linear"
