@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+from drope_megatron import atomic
 from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.indexed import write_indexed
@@ -23,9 +24,12 @@ def main(argv=None) -> int:
     p.add_argument("--tokenizer", required=True, help="Hugging Face tokenizer folder or sentencepiece .model")
     p.add_argument("--out", required=True, type=Path, help="output prefix: writes OUT.bin, OUT.idx, OUT.json")
     p.add_argument("--text-key", default="text", help="text column of json/parquet input")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.bin/.idx")
     args = p.parse_args(argv)
     start = time.perf_counter()
     try:
+        for suffix in (".bin", ".idx"):
+            atomic.refuse_existing(Path(f"{args.out}{suffix}"), args.overwrite)
         tok = load_tokenizer(args.tokenizer)
         d = DataConfig(paths=args.input, format=file_format(args.input), text_key=args.text_key, shuffle=False)
         info = write_indexed(documents(d, tok, epoch=0, seed=0), args.out, tok.vocab_size)

@@ -31,15 +31,18 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
     if d.format == "megatron":
         yield from _indexed(d, epoch, seed, start)
         return
-    dataset = _hf_dataset(d)
+    # Empty rows go before the order is fixed, so that `start` counts the documents packing saw.
+    dataset = _hf_dataset(d).filter(_has_text, input_columns=[d.text_key], batched=True)
     if d.shuffle:
         dataset = dataset.shuffle(seed=seed + epoch)
     if start:
         dataset = dataset.skip(start)
     for row in dataset:
-        text = row[d.text_key]
-        if text:
-            yield [*tokenizer.encode(text), tokenizer.eos_id]
+        yield [*tokenizer.encode(row[d.text_key]), tokenizer.eos_id]
+
+
+def _has_text(texts: list) -> list[bool]:
+    return [bool(t) for t in texts]
 
 
 def _hf_dataset(d: DataConfig):
@@ -67,9 +70,9 @@ def _indexed(d: DataConfig, epoch: int, seed: int, start: int) -> Iterator[np.nd
         if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
             raise ConfigError(f"Megatron dataset {prefix}.bin/.idx not found: data.paths takes path prefixes")
         sets.append(IndexedDataset(prefix))
-    index = [(i, j) for i, ds in enumerate(sets) for j in range(len(ds))]
-    order = np.random.default_rng(seed + epoch).permutation(len(index)) if d.shuffle else range(len(index))
+    offsets = np.cumsum([0, *(len(ds) for ds in sets)])  # document k is in the set whose range holds it
+    order = np.random.default_rng(seed + epoch).permutation(offsets[-1]) if d.shuffle else range(offsets[-1])
     for k in order[start:]:
-        i, j = index[k]
+        i = int(np.searchsorted(offsets, k, side="right")) - 1
         # A copy: the dataset's memory map closes with this generator, and views into it would not survive.
-        yield np.array(sets[i][j])
+        yield np.array(sets[i][int(k - offsets[i])])

@@ -8,13 +8,13 @@ Training reads the result with `data.format=megatron data.paths=[PREFIX]`.
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
+from drope_megatron import atomic
 from drope_megatron.config import ConfigError
 
 
@@ -30,7 +30,7 @@ def write_indexed(docs: Iterable, prefix: str | Path, vocab_size: int) -> dict:
     prefix = Path(prefix)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     dtype = np.uint16 if vocab_size <= 2**16 else np.int32
-    tmp = prefix.with_name(f".{prefix.name}.partial")
+    tmp = prefix.with_name(f".{prefix.name}.{os.getpid()}.partial")  # two writers never share one
     builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
     count = tokens = 0
     try:
@@ -40,12 +40,14 @@ def write_indexed(docs: Iterable, prefix: str | Path, vocab_size: int) -> dict:
             count += 1
             tokens += len(ids)
         builder.finalize(f"{tmp}.idx")
-        # .bin before .idx: a reader finds the index only once the data beside it is whole.
+        # An old .idx goes first and the new one comes last: a reader finds an index only beside
+        # the whole data it describes, never an old index beside new data.
+        Path(f"{prefix}.idx").unlink(missing_ok=True)
         os.replace(f"{tmp}.bin", f"{prefix}.bin")
         os.replace(f"{tmp}.idx", f"{prefix}.idx")
     finally:
         for suffix in (".bin", ".idx"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
     info = {"documents": count, "tokens": tokens, "dtype": np.dtype(dtype).name}
-    Path(f"{prefix}.json").write_text(json.dumps(info) + "\n")
+    atomic.write_json(f"{prefix}.json", info)
     return info

@@ -60,12 +60,17 @@ class ShuffledBlocks:
         self.rng = np.random.default_rng(seed)
         self.buffer: list[np.ndarray] = []
         if state is not None:
+            saved = state.get("size", len(state["window"]) or 1)
+            if saved != self.window:  # the saved window's blocks would be lost, or their order change
+                raise ConfigError(f"the checkpoint's data stream has data.shuffle_window={saved}, this run "
+                                  f"{self.window}: resume with data.shuffle_window={saved}")
             self.rng.bit_generator.state = state["rng"]
             self.buffer = [row.astype(np.int64) for row in state["window"]]
 
     def state(self) -> dict[str, Any]:
         window = np.stack(self.buffer).astype(np.int32) if self.buffer else np.empty((0, 0), np.int32)
-        return {"packed": self.blocks.state(), "rng": self.rng.bit_generator.state, "window": window}
+        return {"packed": self.blocks.state(), "rng": self.rng.bit_generator.state, "window": window,
+                "size": self.window}
 
     def __iter__(self) -> Iterator[np.ndarray]:
         source = iter(self.blocks)

@@ -1,4 +1,4 @@
-"""Documents of an epoch in their seeded order, from any document on (how a resume skips ahead)."""
+"""Documents of an epoch in their seeded order, from any document on (how a resume skips ahead),\nempty rows not counted."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ CHARS = Tokenizer(lambda text: [ord(c) for c in text], lambda ids: "".join(map(c
 def sources(tmp_path_factory):
     folder = tmp_path_factory.mktemp("docs")
     texts = [f"document {i} " + "x" * i for i in range(12)]
-    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    rows = [*texts[:3], "", None, *texts[3:8], "", *texts[8:]]  # empty rows are no documents
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
     write_indexed(([ord(c) for c in t] for t in texts), str(folder / "docs"), 256)
     return {"json": DataConfig(paths=[str(folder / "docs.jsonl")], format="json"),
             "megatron": DataConfig(paths=[str(folder / "docs")], format="megatron")}
@@ -35,3 +36,12 @@ def test_an_epoch_from_a_later_document_is_the_rest_of_the_same_order(sources, k
     whole = read(1)
     assert len(whole) == 12 and read(1, start=7) == whole[7:]
     assert read(2) != whole and sorted(map(tuple, read(2))) == sorted(map(tuple, whole))  # reshuffled per epoch
+
+
+def test_several_indexed_sets_are_one_shuffled_collection(sources, tmp_path):
+    extra = [[7] * n for n in range(1, 6)]
+    write_indexed(extra, str(tmp_path / "extra"), 256)
+    d = DataConfig(paths=[sources["megatron"].paths[0], str(tmp_path / "extra")], format="megatron")
+    whole = [doc.tolist() for doc in documents(d, None, 0, seed=1)]
+    assert len(whole) == 17 and all(doc in whole for doc in extra) and whole[12:] != extra
+    assert [doc.tolist() for doc in documents(d, None, 0, seed=1, start=9)] == whole[9:]

@@ -40,6 +40,14 @@ def test_prepare_data_tool(tmp_path):
                 "--out", str(tmp_path / "out" / "train")], timeout=120)
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "2 documents" in proc.stdout and (tmp_path / "out" / "train.idx").is_file()
+    again = [sys.executable, "tools/prepare_data.py", "--input", paths[0], "--tokenizer", corpus["tokenizer"],
+             "--out", str(tmp_path / "out" / "train")]
+    kept = run(again, timeout=120)
+    assert kept.returncode == 2 and "pass --overwrite" in kept.stderr
+    assert '"documents": 2' in (tmp_path / "out" / "train.json").read_text()  # untouched
+    replaced = run([*again, "--overwrite"], timeout=120)
+    assert replaced.returncode == 0 and "1 documents" in replaced.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.bin", "train.idx", "train.json"]
     bad = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
                corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "bad").exists()

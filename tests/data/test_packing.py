@@ -85,3 +85,11 @@ def test_a_resumed_stream_replays_what_an_uninterrupted_one_serves():
         assert resumed.position == whole.position
     other = stream(rank=1)  # the other rank takes the other half of the same group
     assert not (other.next_micro_batch() == batches[0]).all()
+
+
+def test_a_changed_shuffle_window_is_refused_on_resume():
+    stream = block_stream(_book_and_notes, 5, 16, seed=3)
+    _first(stream, 40)
+    for window in (0, 8):  # the saved window's 16 blocks would be dropped, or served in another order
+        with pytest.raises(ConfigError, match="resume with data.shuffle_window=16"):
+            block_stream(_book_and_notes, 5, window, seed=3, state=stream.state())
