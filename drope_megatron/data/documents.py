@@ -27,7 +27,8 @@ def file_format(paths: list[str]) -> str:
 def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
               start: int = 0) -> Iterator[list[int] | np.ndarray]:
     """Token ids of the documents of one epoch from its `start`-th on (those before are skipped
-    unread, which is how a resumed run gets back to its place); text documents end with the EOS."""
+    unread, which is how a resumed run gets back to its place); text documents start with the
+    tokenizer's BOS if it adds one and end with the EOS."""
     if d.format == "megatron":
         yield from _indexed(d, epoch, seed, start)
         return
@@ -38,7 +39,7 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
     if start:
         dataset = dataset.skip(start)
     for row in dataset:
-        yield [*tokenizer.encode(row[d.text_key]), tokenizer.eos_id]
+        yield [*tokenizer.bos, *tokenizer.encode(row[d.text_key]), tokenizer.eos_id]
 
 
 def _has_text(texts: list) -> list[bool]:

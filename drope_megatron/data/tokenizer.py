@@ -18,13 +18,15 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", SENTENCEPIECE, "sp
 
 @dataclass
 class Tokenizer:
-    """What packing and evaluation need: text <-> ids, the end-of-document id, how many ids there are."""
+    """What packing and evaluation need: text <-> ids, the end-of-document id, how many ids there are,
+    and the ids the model expects before a text (Llama's, Gemma's BOS; none for most others)."""
 
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     eos_id: int
     vocab_size: int
     source: str
+    bos: tuple[int, ...] = ()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -59,4 +61,14 @@ def _hugging_face(path: Path) -> Tokenizer:
         raise ConfigError(f"tokenizer {path} has no eos_token: documents could not be separated")
     return Tokenizer(lambda text: tok(text, add_special_tokens=False)["input_ids"],
                      lambda ids: tok.decode(list(ids), skip_special_tokens=True), tok.eos_token_id, len(tok),
-                     str(path))
+                     str(path), _prefix(tok))
+
+
+def _prefix(tok) -> tuple[int, ...]:
+    """What the tokenizer puts before a text by default (its BOS, if it adds one): documents and
+    prompts start with it, as they did when the model was trained."""
+    plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a")["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return tuple(full[:k])
+    return ()

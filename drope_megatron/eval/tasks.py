@@ -65,8 +65,8 @@ def make_sample(task: str, tokenizer: Tokenizer, length: int, depth: float, rng:
     layout = rng.random()  # the other needles' slots: the same while fitting and in the prompt
     sentences = _fit(spec, tokenizer, length, depth, layout)
     prompt_text = _render(spec, sentences, depth, random.Random(layout))
-    prompt = tokenizer.encode(prompt_text)
-    full = tokenizer.encode(prompt_text + spec.answer)
+    prompt = [*tokenizer.bos, *tokenizer.encode(prompt_text)]
+    full = [*tokenizer.bos, *tokenizer.encode(prompt_text + spec.answer)]
     if full[:len(prompt)] != prompt:
         raise ConfigError(f"the tokenizer merges the {task} answer into the question; cannot score exact match")
     return Sample(task, length, depth, prompt, full[len(prompt):], spec.answer.strip(), spec.needles)
@@ -75,7 +75,8 @@ def make_sample(task: str, tokenizer: Tokenizer, length: int, depth: float, rng:
 def _fit(spec: _Spec, tokenizer: Tokenizer, length: int, depth: float, layout: float) -> int:
     """The most filler sentences for which prompt + answer stay within `length` tokens."""
     def size(n: int) -> int:
-        return len(tokenizer.encode(_render(spec, n, depth, random.Random(layout)) + spec.answer))
+        text = _render(spec, n, depth, random.Random(layout)) + spec.answer
+        return len(tokenizer.bos) + len(tokenizer.encode(text))
 
     base = size(0)
     if base > length:
