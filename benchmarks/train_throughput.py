@@ -49,7 +49,8 @@ def ours(shape: dict, stage: int, work: Path) -> float:
     args = [f"model.num_layers={shape['layers']}", f"model.hidden_size={shape['hidden']}",
             f"model.num_attention_heads={shape['heads']}", f"model.ffn_hidden_size={shape['ffn']}",
             f"model.vocab_size={shape['vocab']}", f"model.seq_length={shape['seq']}",
-            "model.make_vocab_size_divisible_by=1", f"train.micro_batch_size={shape['micro']}",
+            "model.make_vocab_size_divisible_by=1", "model.tie_embeddings=false",
+            f"train.micro_batch_size={shape['micro']}",
             f"train.global_batch_size={shape['micro']}", f"train.steps={shape['steps']}", f"train.zero_stage={stage}",
             f"train.log_interval={shape['steps']}", "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
     subprocess.run([sys.executable, "-m", "drope_megatron.cli", "pretrain", *args, "--quiet"], check=True,

@@ -1,7 +1,12 @@
 #!/bin/bash
 # DeepSpeed's launcher with a hostfile ("node0 slots=8" per line): it sets RANK/LOCAL_RANK/
-# WORLD_SIZE/MASTER_ADDR for every process, which drope_megatron.distributed reads.
-#   HOSTFILE=cluster/hostfile.example cluster/deepspeed-hostfile.sh recipes/paper/llama2_7b.yaml
+# WORLD_SIZE/MASTER_ADDR for every process, which drope_megatron.distributed reads. It reaches
+# every host of the hostfile over passwordless ssh (pdsh with several hosts), so both must work.
+#   HOSTFILE=cluster/hostfile.example cluster/deepspeed-hostfile.sh recalibrate recipes/paper/llama2_7b.yaml
+# Without HOSTFILE: one node, NUM_GPUS processes (default: every GPU).
 set -euo pipefail
-exec deepspeed --hostfile "${HOSTFILE:-cluster/hostfile.example}" --master_port "${MASTER_PORT:-29500}" --no_local_rank \
-  --module drope_megatron.cli recalibrate "$@"
+ARGS=()
+if [ -n "${HOSTFILE:-}" ]; then ARGS+=(--hostfile "$HOSTFILE"); fi
+if [ -n "${NUM_GPUS:-}" ]; then ARGS+=(--num_gpus "$NUM_GPUS"); fi
+exec deepspeed ${ARGS[@]+"${ARGS[@]}"} --master_port "${MASTER_PORT:-29500}" --no_local_rank \
+  --module drope_megatron.cli "$@"

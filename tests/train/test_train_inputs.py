@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from drope_megatron import checkpoint
-from tests.helpers import ROOT, drope, run as run_cmd, torchrun
+from tests.helpers import ROOT, drope, run as run_cmd
 from tests.train import corpus as corpus_lib
 from tests.train.test_loop import losses, run
 
@@ -75,30 +75,42 @@ def test_divergence_stops_with_a_pointer_to_the_last_checkpoint(corpus, tmp_path
     assert "last good checkpoint" in proc.stderr
 
 
-def test_two_nodes_on_loopback(corpus, tmp_path):
-    """Two torchrun agents (one process each) meet by c10d rendezvous, as in the Slurm template, and run one job."""
-    from drope_megatron.distributed import free_port
-    import subprocess
-
+def _script_env(**env: str) -> dict[str, str]:
+    """A child's environment for a cluster/ script: the venv's launchers first on PATH."""
     from tests.helpers import child_env
 
-    port = free_port()
+    out = child_env(PATH=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ["PATH"])
+    out.update(env)  # after child_env, which drops launcher variables such as MASTER_ADDR
+    return out
+
+
+def test_two_nodes_on_loopback(corpus, tmp_path):
+    """cluster/torchrun-multinode.sh on two "nodes" (one process each) meeting by c10d rendezvous."""
+    import subprocess
+
+    from drope_megatron.distributed import free_port
+
+    env = _script_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC_PER_NODE="1",
+                      RDZV_ID="loopback", MAX_RESTARTS="1")
     args = pretrain_args(corpus, tmp_path / "run", "train.zero_stage=2")
-    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={rank}",
-                               "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
-                               "--rdzv-id=loopback", "--max-restarts=1",
-                               "-m", "drope_megatron.cli", *args], env=child_env(), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
-    outs = [p.communicate(timeout=240) for p in procs]
+    procs = [subprocess.Popen(["cluster/torchrun-multinode.sh", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=240) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
     assert all(p.returncode == 0 for p in procs), outs[1][1][-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["params_local"] == rows[0]["params_total"] and len(rows) == 3
 
 
 def test_mpirun_job(corpus, tmp_path):
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m",
-           "drope_megatron.cli", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
-    proc = run_cmd(cmd, timeout=240)
+    """cluster/mpirun.sh (OpenMPI; as root and with 2 ranks on 2 cores, which OpenMPI must be told)."""
+    cmd = ["cluster/mpirun.sh", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
+    proc = run_cmd(cmd, timeout=240, NP="2", PYTHON=sys.executable, OMPI_ALLOW_RUN_AS_ROOT="1",
+                   OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     seq, _ = losses(tmp_path / "run")
     assert len(seq) == 3 and seq[-1] < seq[0]
@@ -120,13 +132,12 @@ def test_qk_norm_variant_recalibrates_from_a_plain_checkpoint(corpus, tmp_path):
 
 
 def test_deepspeed_launcher(corpus, tmp_path):
-    """DeepSpeed's own launcher (single node here; a hostfile adds ssh to other nodes)."""
+    """cluster/deepspeed-hostfile.sh on one node (DeepSpeed reaches a hostfile's hosts over ssh,
+    which this machine has not got)."""
     from drope_megatron.distributed import free_port
 
-    launcher = str(ROOT / ".venv" / "bin" / "deepspeed") if (ROOT / ".venv" / "bin" / "deepspeed").exists() \
-        else shutil.which("deepspeed")
-    cmd = [launcher, "--num_gpus", "2", "--master_port", str(free_port()), "--no_local_rank", "--module",
-           "drope_megatron.cli", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
-    proc = run_cmd(cmd, timeout=240, PATH=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ["PATH"])
+    cmd = ["cluster/deepspeed-hostfile.sh", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
+    proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()),
+                   PATH=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ["PATH"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(losses(tmp_path / "run")[0]) == 3
