@@ -23,12 +23,17 @@ def headlines(results: dict) -> list[str]:
         if task == "ppl" or task not in drope:
             continue
         for length, value in drope[task].items():
-            best = max(((rows[b][task][length]["accuracy"], b) for b in BASELINES if task in rows.get(b, {})),
-                       default=None)
-            if best is not None:
+            exact, found = (_best(rows, task, length, key) for key in ("accuracy", "found"))
+            if exact is not None:
                 lines.append(f"{task} at {length}: DroPE {100 * value['accuracy']:.0f} % vs best RoPE method "
-                             f"{best[1]} {100 * best[0]:.0f} %.")
+                             f"{exact[1]} {100 * exact[0]:.0f} %; needle found: DroPE {100 * value['found']:.0f} % "
+                             f"vs {found[1]} {100 * found[0]:.0f} %.")
     return lines
+
+
+def _best(rows: dict, task: str, length: str, key: str) -> tuple[float, str] | None:
+    """The best RoPE method's score and name at one length."""
+    return max(((rows[b][task][length][key], b) for b in BASELINES if task in rows.get(b, {})), default=None)
 
 
 def write_report(work: Path, log: dict, smoke: bool, pretrained_here: bool) -> Path:

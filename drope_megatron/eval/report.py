@@ -31,7 +31,6 @@ def _has(results: dict, task: str) -> bool:
 
 
 def markdown(results: dict, plots: list[str]) -> str:
-    lengths = results["lengths"]
     lines = ["# Long-context evaluation", ""]
     for label, info in results["models"].items():
         lines.append(f"- **{label}**: `{info['path']}` (phase {info['phase']}, trained at {info['train_length']} "
@@ -39,20 +38,28 @@ def markdown(results: dict, plots: list[str]) -> str:
     for task in results["tasks"]:
         if not _has(results, task):
             continue
-        title = "Perplexity (lower is better)" if task == "ppl" else f"{task}: exact-match accuracy (%)"
-        lines += ["", f"## {title}", "", "| model | " + " | ".join(lengths) + " |",
-                  "|---|" + "---|" * len(lengths)]
-        for row, values in results["rows"].items():
-            cells = [_cell(task, values.get(task, {}).get(length)) for length in lengths]
-            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        if task == "ppl":
+            lines += _table(results, task, "Perplexity (lower is better)", "ppl")
+        else:
+            lines += _table(results, task, f"{task}: exact-match accuracy (%)", "accuracy")
+            lines += _table(results, task, f"{task}: needle found, the answer's first token right (%)", "found")
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
 
 
-def _cell(task: str, value: dict | None) -> str:
-    if value is None:
+def _table(results: dict, task: str, title: str, key: str) -> list[str]:
+    lengths = results["lengths"]
+    lines = ["", f"## {title}", "", "| model | " + " | ".join(lengths) + " |", "|---|" + "---|" * len(lengths)]
+    for row, values in results["rows"].items():
+        cells = [_cell(values.get(task, {}).get(length), key) for length in lengths]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _cell(value: dict | None, key: str) -> str:
+    if value is None or key not in value:
         return "-"
-    return f"{value['ppl']:.2f}" if task == "ppl" else f"{100 * value['accuracy']:.0f}"
+    return f"{value[key]:.2f}" if key == "ppl" else f"{100 * value[key]:.0f}"
 
 
 def _ppl_plot(results: dict, path: Path) -> Path:

@@ -4,6 +4,10 @@ Greedy decoding reproduces the answer's tokens exactly when, fed the prompt and 
 model's argmax at every answer position is the answer's next token: generation and teacher
 forcing agree up to the first mistake. So one forward pass scores a sample exactly, instead of
 one pass per generated token (a test checks the two agree).
+
+Exact match is the score. Beside it, `found` counts answers whose first text-bearing token is
+right: at small scale a model can find the needle by its content yet fail to copy the rest, and
+the two failures have different causes.
 """
 
 from __future__ import annotations
@@ -35,16 +39,26 @@ def samples(task: str, tokenizer, length: int, depths: list[float], per_depth: i
     return out
 
 
+def found(tokenizer, sample: Sample, predicted: list[int]) -> bool:
+    """The greedy answer is right up to its first token that carries text (the first digit of a
+    passkey, after the space piece): the model found the needle, whether or not it then copies
+    the rest of it."""
+    lead = next((i for i, t in enumerate(sample.answer) if tokenizer.decode([t]).strip()), 0)
+    return len(predicted) > lead and predicted[lead] == sample.answer[lead]
+
+
 def evaluate(backend, task_samples: list[Sample], progress: bool = False, label: str = "") -> dict:
-    """Accuracy overall and per depth, plus the first sample's prediction for the report."""
+    """Exact-match accuracy overall and per depth, the share of needles found, and the first
+    sample's prediction for the report."""
     by_depth: dict[float, list[bool]] = {}
-    example = None
+    hits_found, example = [], None
     for sample in tqdm(task_samples, desc=f"{label} {task_samples[0].task} {task_samples[0].length}",
                        disable=not progress, leave=False):
         ok, predicted = score(backend, sample)
         by_depth.setdefault(sample.depth, []).append(ok)
+        hits_found.append(found(backend.tokenizer, sample, predicted))
         if example is None:
             example = {"answer": sample.answer_text, "predicted": backend.tokenizer.decode(predicted).strip()}
     hits = [h for hs in by_depth.values() for h in hs]
-    return {"accuracy": sum(hits) / len(hits), "samples": len(hits),
+    return {"accuracy": sum(hits) / len(hits), "found": sum(hits_found) / len(hits), "samples": len(hits),
             "by_depth": {f"{d:g}": sum(hs) / len(hs) for d, hs in sorted(by_depth.items())}, "example": example}

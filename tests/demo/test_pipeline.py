@@ -23,7 +23,7 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert results["models"]["DroPE"]["phase"] == "drope" and results["models"]["RoPE"]["train_length"] == 256
     report = (work / "report.md").read_text()
     assert "| DroPE |" in report and "Smoke run" in report and "drope recalibrate" in report
-    assert "passkey at 2x: DroPE" in report
+    assert "passkey at 2x: DroPE" in report and "needle found: DroPE" in report
     for plot in ("ppl_vs_length.png", "position_loss.png", "retrieval_passkey.png"):
         assert (work / "eval" / plot).read_bytes().startswith(b"\x89PNG") and f"eval/{plot}" in report
     config = json.loads((work / "drope-hf" / "config.json").read_text())

@@ -29,8 +29,10 @@ def test_eval_writes_json_table_and_plots(checkpoints, corpus, tmp_path):
     assert results["rows"]["drope"]["ppl"]["1x"]["ppl"] != ppl["1x"]["ppl"]
     passkey = results["rows"]["drope"]["passkey"]["2x"]
     assert passkey["samples"] == 2 and set(passkey["by_depth"]) == {"0", "1"}
+    assert passkey["accuracy"] <= passkey["found"] <= 1  # an exact answer found its needle
     table = (out / "report.md").read_text()
     assert "| rope+yarn |" in table and "## passkey" in table and "## niah_single" in table
+    assert "## passkey: needle found" in table
     plots = sorted(p.name for p in out.glob("*.png"))
     assert plots == ["position_loss.png", "ppl_vs_length.png", "retrieval_niah_single.png", "retrieval_passkey.png"]
     assert all((out / p).read_bytes().startswith(PNG) and (out / p).stat().st_size > 5000 for p in plots)

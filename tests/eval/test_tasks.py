@@ -78,3 +78,14 @@ def test_scoring_agrees_with_greedy_decoding(checkpoints):
                              generated[4:], "")
         ok, predicted = retrieval.score(backend, wrong)
         assert not ok and predicted == generated[:4]
+
+
+def test_a_needle_is_found_when_the_answers_first_text_token_is_right(tokenizer):
+    sample = tasks.make_sample("passkey", tokenizer, 256, 0.5, random.Random(0))
+    lead = next(i for i, t in enumerate(sample.answer) if tokenizer.decode([t]).strip())
+    answer, wrong = sample.answer, (sample.answer[lead] + 1) % tokenizer.vocab_size
+    assert retrieval.found(tokenizer, sample, answer)
+    assert retrieval.found(tokenizer, sample, answer[:lead + 2] + [wrong])  # found, then the copy fails
+    assert not retrieval.found(tokenizer, sample, answer[:lead] + [wrong])  # the wrong first digit
+    if lead:  # a miss before it (the space piece): greedy decoding never reaches the digit
+        assert not retrieval.found(tokenizer, sample, [(answer[0] + 1) % tokenizer.vocab_size])

@@ -75,23 +75,16 @@ def test_divergence_stops_with_a_pointer_to_the_last_checkpoint(corpus, tmp_path
     assert "last good checkpoint" in proc.stderr
 
 
-def _script_env(**env: str) -> dict[str, str]:
-    """A child's environment for a cluster/ script: the venv's launchers first on PATH."""
-    from tests.helpers import child_env
-
-    out = child_env(PATH=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ["PATH"])
-    out.update(env)  # after child_env, which drops launcher variables such as MASTER_ADDR
-    return out
-
-
 def test_two_nodes_on_loopback(corpus, tmp_path):
     """cluster/torchrun-multinode.sh on two "nodes" (one process each) meeting by c10d rendezvous."""
     import subprocess
 
     from drope_megatron.distributed import free_port
 
-    env = _script_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NNODES="2", NPROC_PER_NODE="1",
-                      RDZV_ID="loopback", MAX_RESTARTS="1")
+    from tests.helpers import child_env
+
+    env = child_env(NNODES="2", NPROC_PER_NODE="1", RDZV_ID="loopback", MAX_RESTARTS="1")
+    env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))  # child_env drops launcher variables
     args = pretrain_args(corpus, tmp_path / "run", "train.zero_stage=2")
     procs = [subprocess.Popen(["cluster/torchrun-multinode.sh", *args], env=env, cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, start_new_session=True) for _ in range(2)]
@@ -137,7 +130,6 @@ def test_deepspeed_launcher(corpus, tmp_path):
     from drope_megatron.distributed import free_port
 
     cmd = ["cluster/deepspeed-hostfile.sh", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
-    proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()),
-                   PATH=str(ROOT / ".venv" / "bin") + os.pathsep + os.environ["PATH"])
+    proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(losses(tmp_path / "run")[0]) == 3
