@@ -81,11 +81,12 @@ def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | Non
         raise ConfigError(f"{ckpt_dir / 'latest'} names {tag}, which is missing or incomplete: delete {ckpt_dir} "
                           "to start over")
     state = json.loads((ckpt_dir / tag / STATE).read_text())
-    changed = {k: (state.get(k), v) for k, v in layout.items() if state.get(k) != v}
+    # A key an older checkpoint lacks (the phase) is taken to match.
+    changed = {k: (state[k], v) for k, v in layout.items() if state.get(k, v) != v}
     if changed:
         was = ", ".join(f"{k}={a} now {b}" for k, (a, b) in changed.items())
         raise ConfigError(f"checkpoint {ckpt_dir / tag} was written with another layout ({was}): resume with the "
-                          "same TP, data-parallel size and ZeRO stage, or start a new run directory")
+                          "same phase, TP, data-parallel size and ZeRO stage, or start a new run directory")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise ConfigError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir} to start over")

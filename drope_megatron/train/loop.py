@@ -88,7 +88,8 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         tok = _tokenizer(recipe, m)
         engine, _ = ds_engine.initialize(model, t, dp)
         run_dir = Path(t.save_dir) if t.save_dir else None
-        layout = {"tp": p.tensor_model_parallel_size, "dp": dp, "zero_stage": engine.zero_optimization_stage()}
+        layout = {"phase": m.phase, "tp": p.tensor_model_parallel_size, "dp": dp,
+                  "zero_stage": engine.zero_optimization_stage()}
         client = checkpointing.load(engine, run_dir / "checkpoints", layout) if run_dir else None
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
@@ -99,7 +100,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
                               saved)
         stream = BatchStream(blocks, t.micro_batch_size, parallel_state.get_data_parallel_rank(), dp, position,
                              replay=client is not None and saved is None)
-        log = MetricsLog(run_dir, t.tensorboard, enabled=env.rank == 0)
+        log = MetricsLog(run_dir, t.tensorboard, enabled=env.rank == 0, start=step)
         try:
             last = _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress and env.rank == 0)
             if run_dir is not None:
@@ -122,9 +123,9 @@ def _export_hf(final: Path, dst: Path) -> None:
     # A fresh process: the export builds a single-process world of its own, not part of this job.
     cmd = [sys.executable, "-m", "drope_megatron.cli", "convert", "megatron-to-hf", str(final), str(dst),
            "--overwrite", "--quiet"]
-    job_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE",
-                "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "PMI_SIZE", "PMIX_RANK", "TORCHELASTIC_USE_AGENT_STORE")
-    env = {k: v for k, v in os.environ.items() if k not in job_vars}
+    job_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    launchers = ("OMPI_", "PMI_", "PMIX_", "MPI_", "SLURM_", "TORCHELASTIC_")  # what discover() could read
+    env = {k: v for k, v in os.environ.items() if k not in job_vars and not k.startswith(launchers)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
@@ -151,7 +152,9 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
         start = time.perf_counter()
         total = torch.zeros((), device=device)
         grad_norm = None
-        logged = _logged(step + 1, t)
+        lr = engine.get_lr()[0]  # engine.step() moves the schedule on: this is the rate the step uses
+        saving = ckpt_dir is not None and _saved(step + 1, t)
+        logged = _logged(step + 1, t) or saving  # a checkpoint is written only after a finite gradient norm
         for _ in range(gas):
             batch = stream.next_micro_batch().to(device, non_blocking=True)
             loss = engine(batch[:, :-1], positions, None, labels=batch[:, 1:]).float().mean()
@@ -165,12 +168,17 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         loss_value = total.item() / (gas * parallel_state.get_data_parallel_world_size())
         step += 1
-        if not math.isfinite(loss_value):
+        norm = _grad_norm(engine, grad_norm)
+        # A step with an infinite gradient norm may already have written NaN weights (fp32 clipping
+        # multiplies by 0): it is not saved as a good checkpoint; the next loss shows the damage.
+        bad_norm = saving and norm is not None and not math.isfinite(norm)
+        if not math.isfinite(loss_value) or bad_norm:
+            what = f"gradient norm is {norm}" if bad_norm else f"loss is {loss_value}"
             good = checkpointing.latest_tag(ckpt_dir) if ckpt_dir else None
-            raise TrainingDiverged(f"loss is {loss_value} at step {step}; last good checkpoint: "
+            raise TrainingDiverged(f"{what} at step {step}; last good checkpoint: "
                                    f"{ckpt_dir / good if good else 'none'} (lower train.lr or check the data)")
         elapsed = time.perf_counter() - start
-        last = {"loss": loss_value, "lr": engine.get_lr()[0], "grad_norm": _grad_norm(engine, grad_norm),
+        last = {"loss": loss_value, "lr": lr, "grad_norm": norm, "skipped_steps": engine.skipped_steps,
                 "tokens_per_s": tokens_per_step / elapsed, "rss_gib": psutil.Process().memory_info().rss / 2**30,
                 **({"gpu_peak_gib": torch.cuda.max_memory_allocated() / 2**30} if torch.cuda.is_available() else {}),
                 "data_position": stream.position}
@@ -180,7 +188,7 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
             log.log(step, last)
         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{last['tokens_per_s']:.0f}")
         bar.update()
-        if ckpt_dir and (step == t.steps or (t.save_interval and step % t.save_interval == 0)):
+        if saving:
             checkpointing.save(engine, ckpt_dir, step, stream.position, layout, t.keep_last, stream.state())
     bar.close()
     return {"step": step, **last}
@@ -188,6 +196,10 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
 
 def _logged(step: int, t) -> bool:
     return step % t.log_interval == 0 or step == t.steps or step == 1
+
+
+def _saved(step: int, t) -> bool:
+    return step == t.steps or bool(t.save_interval and step % t.save_interval == 0)
 
 
 def _partition_sizes(engine) -> dict[str, int]:

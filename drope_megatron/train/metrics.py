@@ -7,17 +7,26 @@ import time
 from pathlib import Path
 from typing import Any
 
+from drope_megatron import atomic
 from drope_megatron.config import ConfigError
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path | None, tensorboard: bool, enabled: bool):
+    """metrics.jsonl of a run starting (or resuming) at step `start`: lines of later steps, left by
+    the part of an interrupted run after its last checkpoint, are dropped, since this run logs
+    those steps again."""
+
+    def __init__(self, run_dir: Path | None, tensorboard: bool, enabled: bool, start: int = 0):
         self.file = None
         self.board = None
         if not enabled or run_dir is None:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.file = open(run_dir / "metrics.jsonl", "a")
+        path = run_dir / "metrics.jsonl"
+        if path.is_file():
+            kept = [line for line in path.read_text().splitlines(keepends=True) if _step(line) <= start]
+            atomic.write_text(path, "".join(kept))
+        self.file = open(path, "a")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -40,3 +49,10 @@ class MetricsLog:
             self.file.close()
         if self.board is not None:
             self.board.close()
+
+
+def _step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")  # a line cut by a crash

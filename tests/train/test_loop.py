@@ -1,6 +1,7 @@
 """`drope pretrain` / `drope recalibrate`: real DeepSpeed engines, gloo, one and two processes."""
 
 import json
+import math
 import os
 
 import pytest
@@ -65,9 +66,14 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     seq, rows = losses(pre)
     assert len(seq) == 6 and seq[-1] < seq[0]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "rss_gib", "data_position"} <= set(rows[-1])
-    assert rows[0]["lr"] < rows[1]["lr"] and rows[-1]["lr"] < rows[1]["lr"]  # warmup, then cosine decay
+    # The rate each step used: linear warmup from 0 over 2 steps, then cosine towards 0.1x.
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 4)) for s in range(2, 6)]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in (0, 0.5, *cosine)])
     assert rows[0]["grad_norm"] > 0
     assert checkpoint.model_config(pre / "final").phase == "rope"
+    wrong = drope("recalibrate", *corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), f"train.save_dir={pre}",
+                  "train.steps=6", f"train.init_from={pre / 'final'}", "--quiet")  # the pretraining's run folder
+    assert wrong.returncode == 2 and "phase=rope now drope" in wrong.stderr
     bf16 = _bf16_copy(pre / "final", tmp_path / "bf16")  # as `hf-to-megatron` keeps a bf16 source
     rec = tmp_path / "rec"
     proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",

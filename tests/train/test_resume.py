@@ -41,6 +41,7 @@ def test_sigkill_then_rerun_is_exact(corpus, tmp_path, uninterrupted):
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert "drope: resuming" in run(corpus, run_dir, *STEPS).stderr
     assert losses(run_dir)[0] == uninterrupted  # bitwise: same process count, same data, same RNG
+    assert [r["step"] for r in losses(run_dir)[1]] == list(range(1, 13))  # steps 4-5, logged twice, once
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
     assert kept == ["step00000009", "step00000012"]  # keep_last=2
 

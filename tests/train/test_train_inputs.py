@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,8 +72,14 @@ def test_divergence_stops_with_a_pointer_to_the_last_checkpoint(corpus, tmp_path
     proc = drope(*pretrain_args(corpus, tmp_path / "run", "train.lr=1e30", "train.steps=6", "train.save_interval=1",
                                 "train.grad_clip=0"))
     assert proc.returncode == 3, proc.stderr[-2000:]
-    assert "loss is nan" in proc.stderr or "loss is inf" in proc.stderr
-    assert "last good checkpoint" in proc.stderr
+    assert any(f"{what} is {value}" in proc.stderr for what in ("loss", "gradient norm") for value in ("nan", "inf"))
+    named = proc.stderr.split("last good checkpoint: ")[1].split(" (")[0]
+    if named != "none":  # the checkpoint it points to holds finite weights
+        import torch
+
+        # DeepSpeed pickles more than tensors; this is a file the run above just wrote.
+        states = torch.load(Path(named) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        assert all(torch.isfinite(v).all() for v in states.values() if torch.is_tensor(v))
 
 
 def test_two_nodes_on_loopback(corpus, tmp_path):
