@@ -365,7 +365,9 @@ def validate(recipe: Recipe) -> None:
     _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
     _check(recipe.data.shuffle_window >= 0, "data.shuffle_window must be >= 0 (0: no block shuffling)")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
-    _check(not t.offload_optimizer or t.zero_stage > 0, "train.offload_optimizer needs train.zero_stage >= 1")
+    _check(not t.offload_optimizer or t.zero_stage > 0 or t.deepspeed_config is not None,  # else: the JSON's stage
+           "train.offload_optimizer needs train.zero_stage >= 1")
+    _check(t.schedule != "wsd" or t.decay_steps >= 1, "train.schedule=wsd needs train.decay_steps >= 1 (the decay)")
     _check(t.save_interval >= 0 and t.keep_last >= 1, "train.save_interval must be >= 0 and train.keep_last >= 1")
     _validate_eval(recipe.eval, m)
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.helpers import ROOT
 
-SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "cluster").rglob("*") if p.suffix in (".sh", ".sbatch"))
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "cluster").rglob("*")
+                 if p.suffix in (".sh", ".sbatch"))
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

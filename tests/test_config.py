@@ -81,6 +81,7 @@ BAD = [
     (["eval.lengths=[infx]"], "eval.lengths entry 'infx'"),
     (["model.norm_epsilon=0"], "model.norm_epsilon=0.0 must be positive"),
     (["train.zero_stage=4"], "train.zero_stage=4 must be 0, 1, 2 or 3"),
+    (["train.schedule=wsd", "train.steps=10"], "train.schedule=wsd needs train.decay_steps >= 1"),
     (["recipes/demo-cpu.yaml", "model.phase"], "override 'model.phase' is not key=value"),
     (["model.num_layers.deep=1"], "model.num_layers must be int"),
 ]

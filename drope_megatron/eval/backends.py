@@ -1,8 +1,9 @@
 """The models evaluation runs: a Megatron checkpoint (our model) or a Hugging Face folder (transformers).
 
 Both answer the same three questions: `logits(tokens, keep)` over the model's real vocabulary (in
-the model's dtype, padding rows cut; the last `keep` positions only when a caller needs no more), `use(method, length)` to switch RoPE scaling for a target length, and what the
-model is (training length, positional phase, tokenizer).
+the model's dtype, padding rows cut; the last `keep` positions only when a caller needs no more),
+`use(method, length)` to switch RoPE scaling for a target length, and what the model is (training
+length, positional phase, tokenizer).
 """
 
 from __future__ import annotations

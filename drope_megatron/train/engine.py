@@ -63,7 +63,29 @@ def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
         if merged[key] != ours[key]:
             raise ConfigError(f"{path}: {key}={merged[key]} disagrees with the recipe ({ours[key]}): set it to "
                               "\"auto\" or change train.global_batch_size / train.micro_batch_size")
+    _agree(path, merged, t)
     return merged
+
+
+def _agree(path: Path, merged: dict[str, Any], t: TrainConfig) -> None:
+    """The JSON decides what it gives as a value (not "auto"), unless the recipe sets the same thing
+    otherwise: then neither silently wins. The optimizer and schedule are always the recipe's."""
+    default = TrainConfig()
+    stage = merged["zero_optimization"].get("stage", 0)
+    checks = (("zero_optimization.stage", stage, t.zero_stage, t.zero_stage != default.zero_stage, "train.zero_stage"),
+              ("gradient_clipping", merged.get("gradient_clipping", 0.0), t.grad_clip,
+               t.grad_clip != default.grad_clip, "train.grad_clip"),
+              ("bf16.enabled", merged["bf16"].get("enabled", False), use_bf16(t), t.precision != "auto",
+               "train.precision"))
+    for key, theirs, ours, recipe_sets_it, field in checks:
+        if recipe_sets_it and theirs != ours:
+            raise ConfigError(f"{path}: {key}={theirs} disagrees with {field} ({ours}): set it to \"auto\" in the "
+                              f"JSON or leave {field} at its default")
+    for block in ("optimizer", "scheduler"):
+        if block in merged:  # DeepSpeed would drop it silently in favour of ours
+            raise ConfigError(f"{path}: remove its {block} block; the recipe's train section sets the {block}")
+    if t.offload_optimizer and stage < 1:
+        raise ConfigError(f"train.offload_optimizer needs ZeRO stage >= 1, and {path} has stage {stage}")
 
 
 def _fill_auto(theirs: Any, ours: Any) -> Any:
@@ -88,13 +110,22 @@ def scheduler(t: TrainConfig, optimizer):
                                   min_lr_ratio=t.min_lr_ratio, decay_type="cosine")
 
 
-def initialize(model, t: TrainConfig, dp: int):
+def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: norms' gains and biases (1-D) are not decayed, as in Megatron."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+
+def adamw(model, t: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
+                             eps=t.adam_eps)
+
+
+def initialize(model, t: TrainConfig, ds_config: dict[str, Any]):
     """deepspeed.initialize with torch AdamW, our schedule and megatron's parallel groups."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
-                                  weight_decay=t.weight_decay)
-    engine, optimizer, _, lr_scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=lambda opt: scheduler(t, opt),
-        config=deepspeed_config(t, dp), mpu=MegatronMPU(), dist_init_required=False)
-    return engine, lr_scheduler
+    engine, *_ = deepspeed.initialize(model=model, optimizer=adamw(model, t), config=ds_config, mpu=MegatronMPU(),
+                                      lr_scheduler=lambda opt: scheduler(t, opt), dist_init_required=False)
+    return engine

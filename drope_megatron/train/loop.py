@@ -34,13 +34,13 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
-def _model(recipe: Recipe, phase: str, dp: int):
+def _model(recipe: Recipe, phase: str, ds_config: dict):
     """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised.
     Under ZeRO-3 the checkpoint is loaded straight into partitioned parameters."""
     init = recipe.train.init_from
-    ds_config = ds_engine.deepspeed_config(recipe.train, dp)
-    # Without bf16, DeepSpeed keeps no fp32 master weights: a bf16 (or fp16) model must train in fp32.
-    dtype = None if ds_engine.use_bf16(recipe.train) else "float32"
+    # Without bf16 (as the DeepSpeed config finally says), DeepSpeed keeps no fp32 master weights:
+    # a bf16 (or fp16) model must train in fp32.
+    dtype = None if ds_config["bf16"]["enabled"] else "float32"
     # From a checkpoint: its architecture; the recipe adds the phase, QK-norm and attention options.
     attention = checkpoint.attention_options(recipe.model)
     if init and ds_config["zero_optimization"].get("stage") == 3:
@@ -84,9 +84,10 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         raise ConfigError(f"train.save_dir is not set, and {', '.join(needs_dir)} write there: set it")
     with distributed.session(p, t.seed) as env:
         dp = parallel_state.get_data_parallel_world_size()
-        model, m = _model(recipe, phase, dp)
+        ds_config = ds_engine.deepspeed_config(t, dp)
+        model, m = _model(recipe, phase, ds_config)
         tok = _tokenizer(recipe, m)
-        engine, _ = ds_engine.initialize(model, t, dp)
+        engine = ds_engine.initialize(model, t, ds_config)
         run_dir = Path(t.save_dir) if t.save_dir else None
         layout = {"phase": m.phase, "tp": p.tensor_model_parallel_size, "dp": dp,
                   "zero_stage": engine.zero_optimization_stage()}

@@ -14,6 +14,7 @@ from tqdm import tqdm
 from drope_megatron import distributed
 from drope_megatron.config import ConfigError, Recipe
 from drope_megatron.model import build_model
+from drope_megatron.train.engine import adamw
 
 
 def fixed_batch(recipe: Recipe) -> torch.Tensor:
@@ -33,13 +34,12 @@ def run_smoke(recipe: Recipe, phases: list[str], steps: int, show_progress: bool
         if env.world_size != p.tensor_model_parallel_size:
             raise ConfigError(f"smoke needs world size == TP ({p.tensor_model_parallel_size}), got "
                               f"{env.world_size}: launch exactly TP processes")
-        model = build_model(recipe.model, p)
-        opt = torch.optim.AdamW(model.parameters(), lr=recipe.train.lr,
-                                betas=(recipe.train.adam_beta1, recipe.train.adam_beta2),
-                                eps=recipe.train.adam_eps, weight_decay=recipe.train.weight_decay)
-        batch = fixed_batch(recipe)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # the model is built on the host
+        model = build_model(recipe.model, p).to(device)
+        opt = adamw(model, recipe.train)
+        batch = fixed_batch(recipe).to(device)
         tokens, labels = batch[:, :-1], batch[:, 1:]
-        positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens)
         losses: dict[str, list[float]] = {}
         bar = tqdm(total=steps * len(phases), disable=not show_progress or env.rank != 0, desc="smoke")
         for phase in phases:

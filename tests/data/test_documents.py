@@ -1,4 +1,5 @@
-"""Documents of an epoch in their seeded order, from any document on (how a resume skips ahead),\nempty rows not counted."""
+"""Documents of an epoch in their seeded order, from any document on (how a resume skips ahead),
+empty rows not counted."""
 
 from __future__ import annotations
 

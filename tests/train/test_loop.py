@@ -21,7 +21,7 @@ def corpus(tmp_path_factory):
 
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    by_step = {r["step"]: r for r in rows}  # a resumed run logs again: the last record of a step wins
+    by_step = {r["step"]: r for r in rows}  # one record per step: a resume drops the lines past its checkpoint
     return [by_step[s]["loss"] for s in sorted(by_step)], rows
 
 

@@ -1,0 +1,50 @@
+"""The DeepSpeed config and optimizer the recipe makes: a JSON decides what it gives as a value
+unless the recipe says otherwise (then an error, not a silent winner); no weight decay on norms
+and biases."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from drope_megatron.config import ConfigError, TrainConfig
+from drope_megatron.train.engine import deepspeed_config, param_groups
+from tests.helpers import tiny_model
+
+
+def _json(tmp_path, **fields):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "bf16": {"enabled": "auto"}, **fields}))
+    return str(path)
+
+
+def test_the_json_decides_what_the_recipe_leaves_at_its_default(tmp_path):
+    ds = _json(tmp_path, zero_optimization={"stage": 3}, gradient_clipping=0.5)
+    merged = deepspeed_config(TrainConfig(deepspeed_config=ds, offload_optimizer=True), dp=1)
+    assert merged["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"}}
+    assert merged["gradient_clipping"] == 0.5 and merged["bf16"] == {"enabled": False}
+
+
+@pytest.mark.parametrize("fields,recipe,message", [
+    ({"zero_optimization": {"stage": 3}}, {"zero_stage": 1}, "zero_optimization.stage=3 disagrees with "
+                                                             "train.zero_stage (1)"),
+    ({"gradient_clipping": 0.5}, {"grad_clip": 2.0}, "gradient_clipping=0.5 disagrees with train.grad_clip (2.0)"),
+    ({"bf16": {"enabled": False}}, {"precision": "bf16"}, "bf16.enabled=False disagrees with train.precision"),
+    ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, {}, "remove its optimizer block"),
+    ({"zero_optimization": {"stage": 0}}, {"offload_optimizer": True}, "offload_optimizer needs ZeRO stage >= 1"),
+])
+def test_a_json_that_contradicts_the_recipe_is_refused(tmp_path, fields, recipe, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        deepspeed_config(TrainConfig(deepspeed_config=_json(tmp_path, **fields), **recipe), dp=1)
+
+
+def test_no_weight_decay_on_norms_and_biases(megatron_world):
+    model, _ = tiny_model("model.qkv_bias=true")
+    decay, plain = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in plain["params"])
+    assert any("layernorm" in names[id(p)] or "norm" in names[id(p)] for p in plain["params"])
+    assert any("bias" in names[id(p)] for p in plain["params"])
+    assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
