@@ -33,7 +33,8 @@ def latest_tag(ckpt_dir: Path) -> str | None:
 
 def rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            # This rank's device only: a resume may see fewer GPUs (one per task under srun).
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": get_cuda_rng_tracker().get_states()}
 
 
@@ -41,8 +42,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state["cuda"]
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible device
+            cuda = cuda[torch.cuda.current_device() % len(cuda)]
+        torch.cuda.set_rng_state(cuda)
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 

@@ -53,6 +53,8 @@ def _model(recipe: Recipe, phase: str, ds_config: dict):
         model = build_model(m, recipe.parallel)
     model.set_phase(phase, recipe.model.rope_layers or m.rope_layers)
     m.phase = phase  # what this run trains (the checkpoint may have been saved in another phase)
+    # What the saved weights will be: DeepSpeed casts the model to bf16 when bf16 is on.
+    m.params_dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
     return model, m
 
 

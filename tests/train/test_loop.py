@@ -113,3 +113,10 @@ def test_tp2_with_zero1_matches_tp1(corpus, tmp_path, baseline):
     seq, rows = losses(tmp_path / "run")
     assert seq == pytest.approx(baseline[0], rel=1e-5, abs=1e-5)
     assert rows[0]["params_local"] < baseline[1][0]["params_local"]  # each rank holds TP shards
+
+
+def test_bf16_training_records_its_weights_as_bf16(corpus, tmp_path):
+    run(corpus, tmp_path / "bf16", "train.steps=2", "train.precision=bf16")
+    final = tmp_path / "bf16" / "final"
+    # DeepSpeed trained (and saved) bf16 weights; the metadata said float32, so exports doubled in size.
+    assert checkpoint.model_config(final).params_dtype == "bfloat16" and torch.bfloat16 in _stored_dtypes(final)
