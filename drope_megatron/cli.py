@@ -139,8 +139,6 @@ def cmd_eval(args) -> int:
     from drope_megatron.eval.runner import parse_models, run
 
     models = parse_models(args.models)
-    if args.quiet:  # datasets reads this at import
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     results = run(models, e, args.out, overwrite=args.overwrite, tp=args.tp, dtype=args.dtype,
                   progress=not args.quiet)
     if results is not None:
@@ -299,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     # torch's distributed checkpoint warns about its own API churn on every megatron-core load.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor instead|`load_state_dict` is dep)")
     args = build_parser().parse_args(argv)
+    if getattr(args, "quiet", False):  # datasets' own bars too (it reads this at import)
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
     try:
         return args.func(args)
     except ConfigError as exc:

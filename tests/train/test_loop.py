@@ -79,6 +79,7 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",
                command="recalibrate")
     assert "step 4: loss" in proc.stdout and "SmolLM3ForCausalLM" in proc.stdout
+    assert "examples/s" not in proc.stderr  # --quiet: no progress bars from datasets either
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "SmolLM3ForCausalLM"
