@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # Every benchmark in its tiny --quick mode: proves the scripts run (ratios are not asserted).
 bench-quick: $(STAMP)
-	for b in forward_memory conversion zero_throughput train_throughput data_resume; do \
+	for b in forward_memory conversion zero_throughput train_throughput step_profile data_resume; do \
 		$(BIN)/python benchmarks/$$b.py --quick || exit 1; done
 
 clean:

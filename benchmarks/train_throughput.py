@@ -1,14 +1,16 @@
 """Recalibration throughput against the reference stack, and against the machine's matmul peak.
 
-Ours: `drope pretrain` (the megatron-core model in our DeepSpeed loop). Reference: transformers'
-`LlamaForCausalLM` of the same shape in a plain DeepSpeed loop, as the public reference code
-trains. Same batch, sequence, dtype (fp32 on CPU, bf16 on GPU), ZeRO stage, thread count and
+Two phases. Recalibration (drope): `drope recalibrate`, the megatron-core model without RoPE in
+our DeepSpeed loop, against transformers' stock NoPE Llama (`SmolLM3ForCausalLM` with RoPE off in
+every layer) in a plain DeepSpeed loop. Pretraining (rope): `drope pretrain` against
+`LlamaForCausalLM`. Same batch, sequence, dtype (fp32 on CPU, bf16 on GPU), ZeRO stage, thread count and
 random-token data; each run in its own process. Achieved FLOP/s (6N + attention per token) is
 compared with a large matmul timed in the same run. Ratios print last.
 
-    python benchmarks/train_throughput.py           # 10M params, seq 256, ZeRO 0 and 3, 24 steps
+    python benchmarks/train_throughput.py           # 13M params, seq 256, ZeRO 0 and 3, 24 steps
     python benchmarks/train_throughput.py --quick   # a tiny model, ZeRO 0, 4 steps (CI)
-    (on a GPU the full mode uses the GPU shape below: 0.4B parameters, seq 2048, ZeRO 0 and 2)
+    (on a GPU the full mode uses the GPU shape below: 0.4B parameters, seq 2048, ZeRO 0 and 2, and
+    also times our model without megatron's fused kernels)
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ QUICK = dict(layers=2, hidden=64, heads=4, ffn=192, vocab=256, seq=32, micro=2, 
 # logs rarely), the reference around the same steps.
 
 
-def ours(shape: dict, stage: int, work: Path) -> float:
-    """Median tokens/s of `drope pretrain` on random tokens (a Megatron indexed dataset)."""
+def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True) -> tuple[float, float]:
+    """Tokens/s and last loss of `drope pretrain` / `recalibrate` on random tokens (Megatron indexed data)."""
     import numpy as np
 
     from drope_megatron.data.indexed import write_indexed
@@ -45,40 +47,54 @@ def ours(shape: dict, stage: int, work: Path) -> float:
         rng = np.random.default_rng(0)
         docs = max(64, shape["steps"] * shape["micro"] * shape["seq"] // 4096 + 8)
         write_indexed((rng.integers(0, shape["vocab"], 4096) for _ in range(docs)), data, shape["vocab"])
-    run_dir = work / f"ours-z{stage}"
+    run_dir = work / f"ours-{phase}-z{stage}-{'fused' if fused else 'plain'}"
     args = [f"model.num_layers={shape['layers']}", f"model.hidden_size={shape['hidden']}",
             f"model.num_attention_heads={shape['heads']}", f"model.ffn_hidden_size={shape['ffn']}",
             f"model.vocab_size={shape['vocab']}", f"model.seq_length={shape['seq']}",
             "model.make_vocab_size_divisible_by=1", "model.tie_embeddings=false",
             f"train.micro_batch_size={shape['micro']}",
             f"train.global_batch_size={shape['micro']}", f"train.steps={shape['steps']}", f"train.zero_stage={stage}",
-            f"train.log_interval={shape['steps']}", "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
-    subprocess.run([sys.executable, "-m", "drope_megatron.cli", "pretrain", *args, "--quiet"], check=True,
-                   cwd=ROOT, capture_output=True, text=True)
+            f"train.log_interval={shape['steps']}", f"model.fused_kernels={str(fused).lower()}",
+            "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
+    command = "pretrain" if phase == "rope" else "recalibrate"
+    run([sys.executable, "-m", "drope_megatron.cli", command, *args, "--quiet"])
     first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return (last["step"] - first["step"]) * shape["micro"] * shape["seq"] / (last["time"] - first["time"])
+    rate = (last["step"] - first["step"]) * shape["micro"] * shape["seq"] / (last["time"] - first["time"])
+    return rate, last["loss"]
 
 
-def reference(shape: dict, stage: int) -> dict:
+def reference(shape: dict, phase: str, stage: int) -> dict:
     """In a child: the HF model in a plain DeepSpeed loop; tokens/s, params and the matmul peak."""
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps({**shape, "stage": stage})], check=True,
-                         capture_output=True, text=True, cwd=ROOT).stdout
+    out = run([sys.executable, __file__, "--child", json.dumps({**shape, "phase": phase, "stage": stage})])
     return json.loads(out.strip().splitlines()[-1])
+
+
+def run(cmd: list[str]) -> str:
+    """The child's stdout; on failure, its stderr's tail and an exit (the ratios would be meaningless)."""
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(cmd[:4])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return done.stdout
 
 
 def _child(spec: dict) -> dict:
     import deepspeed
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, SmolLM3Config, SmolLM3ForCausalLM
 
     from drope_megatron.distributed import free_port
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    cfg = LlamaConfig(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
-                      num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                      max_position_embeddings=spec["seq"], tie_word_embeddings=False)
-    model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa")
+    shape = dict(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
+                 num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
+                 num_key_value_heads=spec["heads"], max_position_embeddings=spec["seq"], tie_word_embeddings=False)
+    if spec["phase"] == "rope":
+        model = LlamaForCausalLM._from_config(LlamaConfig(**shape), attn_implementation="sdpa")
+    else:  # transformers' own Llama-shaped model with RoPE switchable off per layer (0 = no RoPE)
+        cfg = SmolLM3Config(**shape, no_rope_layers=[0] * spec["layers"], use_sliding_window=False,
+                            pad_token_id=None)
+        model = SmolLM3ForCausalLM._from_config(cfg, attn_implementation="sdpa")
     config = {"train_batch_size": spec["micro"], "train_micro_batch_size_per_gpu": spec["micro"],
               "gradient_clipping": 1.0, "zero_optimization": {"stage": spec["stage"]},
               "bf16": {"enabled": torch.cuda.is_available()}, "zero_allow_untested_optimizer": True,
@@ -129,6 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stages", help="comma-separated ZeRO stages (default 0,3; quick: 0)")
+    parser.add_argument("--phases", default="drope,rope", help="drope (recalibration), rope (pretraining)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -141,19 +158,31 @@ def main() -> None:
         shape["stages"] = tuple(int(x) for x in args.stages.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for stage in shape["stages"]:
-            ref = reference(shape, stage)
-            rows.append({"stage": stage, "ours": ours(shape, stage, Path(tmp)), **ref})
+        for phase in args.phases.split(","):
+            for stage in shape["stages"]:
+                row = {"phase": phase, "stage": stage, **reference(shape, phase, stage)}
+                row["ours"], row["loss"] = ours(shape, phase, stage, Path(tmp))
+                if torch.cuda.is_available():  # the fusions exist only there: measure what they give
+                    row["plain"], row["plain_loss"] = ours(shape, phase, stage, Path(tmp), fused=False)
+                rows.append(row)
+    report(shape, rows)
+
+
+def report(shape: dict, rows: list[dict]) -> None:
     per_token = flops_per_token(shape, rows[0]["params"], rows[0]["embedding"])
     print(f"model {rows[0]['params'] / 1e6:.2f}M params, seq {shape['seq']}, micro batch {shape['micro']}, "
           f"{rows[0]['threads']} threads, {per_token / 1e6:.1f} MFLOP/token, matmul peak "
           f"{rows[0]['peak_flops'] / 1e9:.1f} GFLOP/s")
-    print(f"{'ZeRO':>4} {'ours tok/s':>11} {'reference tok/s':>16} {'ours % of peak':>15}")
+    print(f"{'phase':>5} {'ZeRO':>4} {'ours tok/s':>11} {'reference tok/s':>16} {'ours % of peak':>15}")
     for r in rows:
-        print(f"{r['stage']:>4} {r['ours']:>11.0f} {r['tokens_per_s']:>16.0f} "
+        print(f"{r['phase']:>5} {r['stage']:>4} {r['ours']:>11.0f} {r['tokens_per_s']:>16.0f} "
               f"{100 * r['ours'] * per_token / r['peak_flops']:>14.1f}%")
+    for r in (r for r in rows if "plain" in r):
+        print(f"{r['phase']}, ZeRO {r['stage']}, without megatron's fused kernels: {r['plain']:.0f} tok/s; "
+              f"fused / plain {r['ours'] / r['plain']:.2f}x; loss at step {shape['steps']}: "
+              f"fused {r['loss']:.4f}, plain {r['plain_loss']:.4f}")
     for r in rows:
-        print(f"ratio ours / reference, ZeRO {r['stage']}: {r['ours'] / r['tokens_per_s']:.2f}x "
+        print(f"ratio ours / reference, {r['phase']}, ZeRO {r['stage']}: {r['ours'] / r['tokens_per_s']:.2f}x "
               f"(ours at {100 * r['ours'] * per_token / r['peak_flops']:.1f}% of the matmul peak, reference at "
               f"{100 * r['tokens_per_s'] * per_token / r['peak_flops']:.1f}%)")
 

@@ -169,10 +169,11 @@ def _global_key(key: str, offset: int) -> str:
 NEW_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # the QK-norm variant's weights, absent from a plain checkpoint
 
 
-def attention_options(m: ModelConfig) -> dict[str, Any]:
-    """The attention options a recipe sets that change no weights (softmax scale, length-aware
-    temperature): a run starting from a checkpoint applies them over the stored ones."""
-    chosen = {"softmax_scale": m.softmax_scale, "attention_temperature": m.attention_temperature}
+def runtime_options(m: ModelConfig) -> dict[str, Any]:
+    """The options a recipe sets that change no weights (softmax scale, length-aware temperature,
+    fused kernels): a run starting from a checkpoint applies them over the stored ones."""
+    chosen = {"softmax_scale": m.softmax_scale, "attention_temperature": m.attention_temperature,
+              "fused_kernels": m.fused_kernels}
     return {k: v for k, v in chosen.items() if v not in (None, "none")}
 
 
@@ -180,7 +181,7 @@ def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_q
             attention_backend: str | None = None, attention: dict[str, Any] | None = None
             ) -> tuple[ModelConfig, bool, Path]:
     """The model config to build for loading `path` at this TP/PP, whether q/k norms are new, the
-    weights folder. `attention` (from `attention_options`) replaces the stored attention options."""
+    weights folder. `attention` (from `runtime_options`) replaces the stored ones."""
     m = model_config(path)
     if dtype is not None:
         m.params_dtype = dtype
@@ -263,7 +264,7 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
     (cast to `dtype` when given, e.g. float32 for verification; `attention_backend` overrides the
     stored one, e.g. sdpa for long sequences). `add_qk_norm` gives a checkpoint
     without them the paper's full-width q/k norms, starting at 1 (the QK-norm DroPE variant);
-    `attention` replaces the stored attention options (see `prepare`)."""
+    `attention` replaces the stored ones (see `prepare`)."""
     from drope_megatron.model import build_model
 
     m, new_norms, weights = prepare(path, p, dtype, add_qk_norm, attention_backend, attention)

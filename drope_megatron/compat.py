@@ -6,6 +6,7 @@ and pipeline messages, the model-parallel RNG tracker, the default causal mask,
 `torch.cuda.synchronize` in the checkpoint writer and pipeline p2p, the token counter the
 pipeline schedules allocate with `device="cuda"`, and `Tensor.cuda()` used when the last
 pipeline stage copies the tied embedding (an identity here: without CUDA it could only fail).
+`kernel_fusions()` likewise switches megatron's fused kernels on only where CUDA is present.
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ class _CpuTorch(types.ModuleType):
     @staticmethod
     def zeros(*args, device=None, **kwargs):
         return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
+
+
+def kernel_fusions(requested: bool) -> dict:
+    """TransformerConfig fusion flags: on CUDA, the fusions megatron-core runs without Transformer
+    Engine or apex (SwiGLU and cross-entropy, compiled by torch.compile); none on the CPU, where
+    the compile would cost more than the kernels save and the other fusions need CUDA libraries."""
+    on = requested and torch.cuda.is_available()
+    return dict(bias_activation_fusion=on, cross_entropy_loss_fusion=on, cross_entropy_fusion_impl="native",
+                bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+                persist_layer_norm=False, gradient_accumulation_fusion=False)
 
 
 def apply_cpu_shims() -> bool:

@@ -71,6 +71,9 @@ class ModelConfig:
     # Length-aware temperature, meant for evaluation past the training context: "log_length"
     # scales logits at query position i by max(1, log(i + 1) / log(seq_length)); 1 inside it.
     attention_temperature: Literal["none", "log_length"] = "none"
+    # Megatron's torch.compile-fused SwiGLU and cross-entropy, used only where CUDA is present
+    # (compat.kernel_fusions); the weights and the math are the same either way.
+    fused_kernels: bool = True
 
     @property
     def groups(self) -> int:

@@ -37,3 +37,17 @@ def test_causal_mask_is_built_on_cpu():
     mask = utils.get_default_causal_mask(4)
     assert mask.device.type == "cpu" and mask.dtype == torch.bool
     assert torch.equal(mask, torch.ones(4, 4, dtype=torch.bool).triu(1))
+
+
+def test_kernel_fusions_only_where_cuda_is():
+    from drope_megatron.model.build import transformer_config
+    from tests.helpers import tiny_recipe
+
+    flags = ("bias_activation_fusion", "cross_entropy_loss_fusion")
+    for requested in (True, False):
+        recipe = tiny_recipe(f"model.fused_kernels={str(requested).lower()}")
+        config = transformer_config(recipe.model, recipe.parallel)
+        expected = requested and torch.cuda.is_available()
+        assert [getattr(config, f) for f in flags] == [expected, expected]
+        # The fusions that need Transformer Engine or apex stay off everywhere.
+        assert not (config.apply_rope_fusion or config.gradient_accumulation_fusion or config.persist_layer_norm)

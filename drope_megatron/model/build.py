@@ -18,7 +18,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from drope_megatron import dtypes
+from drope_megatron import compat, dtypes
 from drope_megatron.config import ModelConfig, ParallelConfig
 from drope_megatron.model.attention import DropeSelfAttention, SDPAttention
 from drope_megatron.model.gpt import DropeGPTModel
@@ -37,9 +37,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
         # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP.
-        use_cpu_initialization=True,
-        bias_activation_fusion=False, bias_dropout_fusion=False, masked_softmax_fusion=False,
-        apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
+        use_cpu_initialization=True, **compat.kernel_fusions(m.fused_kernels),
     )
     return config
 

@@ -42,7 +42,7 @@ def _model(recipe: Recipe, phase: str, ds_config: dict):
     # a bf16 (or fp16) model must train in fp32.
     dtype = None if ds_config["bf16"]["enabled"] else "float32"
     # From a checkpoint: its architecture; the recipe adds the phase, QK-norm and attention options.
-    attention = checkpoint.attention_options(recipe.model)
+    attention = checkpoint.runtime_options(recipe.model)
     if init and ds_config["zero_optimization"].get("stage") == 3:
         model, m = load_partitioned(init, recipe.parallel, ds_config, recipe.model.qk_norm, attention, dtype)
     elif init:

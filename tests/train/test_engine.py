@@ -48,3 +48,27 @@ def test_no_weight_decay_on_norms_and_biases(megatron_world):
     assert any("layernorm" in names[id(p)] or "norm" in names[id(p)] for p in plain["params"])
     assert any("bias" in names[id(p)] for p in plain["params"])
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_one_rank_without_zero_skips_the_identity_all_reduce(megatron_world, stage):
+    import torch
+
+    from drope_megatron.train.engine import adamw, initialize
+    from tests.helpers import batch
+
+    model, recipe = tiny_model()
+    twin, _ = tiny_model()  # the same weights
+    t = recipe.train
+    engine = initialize(model, t, deepspeed_config(TrainConfig(zero_stage=stage, grad_clip=0.0), dp=1))
+    # ZeRO 1 gathers its partition's gradients through that reduction even on one rank.
+    assert engine.enable_backward_allreduce is (stage != 0)
+    tokens, positions = batch(recipe)
+    engine.backward(engine(tokens[:, :-1], positions[:, :-1], None, labels=tokens[:, 1:]).mean())
+    engine.step()
+    # The step is exactly a plain AdamW step on the same gradients: nothing was left unreduced.
+    opt = adamw(twin, t)
+    twin(tokens[:, :-1], positions[:, :-1], None, labels=tokens[:, 1:]).mean().backward()
+    opt.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, msg=name)

@@ -1,0 +1,23 @@
+"""Options that change no weights follow the recipe when a run starts from a checkpoint."""
+
+import pytest
+
+from drope_megatron import checkpoint, distributed
+from drope_megatron.config import ParallelConfig
+from tests.helpers import tiny_model, tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+
+
+def test_recipe_runtime_options_replace_the_stored_ones(tmp_path):
+    model, recipe = tiny_model()
+    with distributed.session(single=True):
+        checkpoint.save(model, recipe.model, tmp_path / "ckpt")
+    assert checkpoint.model_config(tmp_path / "ckpt").fused_kernels is True
+    wanted = tiny_recipe("model.fused_kernels=false", "model.softmax_scale=0.5",
+                         "model.attention_temperature=log_length").model
+    m, _, _ = checkpoint.prepare(tmp_path / "ckpt", ParallelConfig(), attention=checkpoint.runtime_options(wanted))
+    assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (False, 0.5, "log_length")
+    # A recipe that leaves the attention options at their defaults keeps the stored ones.
+    m, _, _ = checkpoint.prepare(tmp_path / "ckpt", ParallelConfig(), attention=checkpoint.runtime_options(recipe.model))
+    assert (m.fused_kernels, m.softmax_scale) == (True, None)
