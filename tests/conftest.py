@@ -5,6 +5,11 @@ import os
 # Multi-process children inherit these: CPU DeepSpeed, loopback gloo, one thread per rank.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+# In-process DeepSpeed engines share the children's PATH: its CPU ops are rebuilt (20-50 s) each
+# time a process sees another PATH than the build before it.
+from tests.helpers import one_path  # noqa: E402
+
+os.environ["PATH"] = one_path()
 
 import pytest  # noqa: E402
 

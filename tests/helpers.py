@@ -41,13 +41,17 @@ def batch(recipe, n: int = 2, length: int | None = None, seed: int = 0):
     return tokens, torch.arange(length).expand(n, length)
 
 
+def one_path() -> str:
+    """PATH with the venv first, each directory once: what children and this process both use."""
+    dirs = [str(Path(sys.executable).parent), *os.environ["PATH"].split(os.pathsep)]
+    return os.pathsep.join(dict.fromkeys(dirs))
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment of every child: one thread each, this checkout importable, and the venv's
     launchers (torchrun, deepspeed) first on one PATH for all. DeepSpeed's CPU ops are JIT-built
     and rebuilt (about a minute) whenever a child sees another PATH than the one before."""
-    dirs = [str(Path(sys.executable).parent), *os.environ["PATH"].split(os.pathsep)]
-    path = os.pathsep.join(dict.fromkeys(dirs))  # the venv first, each directory once
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PATH=path)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PATH=one_path())
     env.update(extra)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)

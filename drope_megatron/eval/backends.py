@@ -42,7 +42,7 @@ def _tokenizer(path: Path) -> Tokenizer:
 
 
 class MegatronBackend:
-    """Our DropeGPTModel from a Megatron checkpoint, through SDPA attention, full logits on every TP rank."""
+    """Our DropeGPTModel from a Megatron checkpoint, through SDPA attention, full-vocabulary logits on every TP rank."""
 
     def __init__(self, path: Path, dtype: str | None, tp: int):
         self.path = path
@@ -75,8 +75,8 @@ class MegatronBackend:
     def logits(self, tokens: torch.Tensor, keep: int = 0) -> torch.Tensor:
         from drope_megatron.model.pipeline import forward_logits
 
-        out = forward_logits(self.model, tokens.to(self.device))
-        return out[:, -keep:, : self.vocab_size]
+        out = forward_logits(self.model, tokens.to(self.device), keep)
+        return out[:, :, : self.vocab_size]
 
 
 class HFBackend:

@@ -97,6 +97,9 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
+        if run_dir is None and env.rank == 0:  # legitimate for benchmarks; a mistake for a real run
+            print("drope: note: train.save_dir is not set: this run keeps no checkpoint, metrics or final model",
+                  file=sys.stderr)
         saved = client.get("data") if client else None  # checkpoints before data states: replayed
         blocks = block_stream(lambda epoch, start: documents(recipe.data, tok, epoch, t.seed, start),
                               m.seq_length + 1, recipe.data.shuffle_window if recipe.data.shuffle else 0, t.seed,

@@ -56,3 +56,17 @@ def test_an_already_scaled_model_is_evaluated_as_it_is(tmp_path, corpus):
     e = EvalConfig(lengths=["256"], tasks=["passkey"], baselines=["pi", "yarn"], depths=[0.5], samples=1)
     results = runner.run({"scaled": folder}, e, tmp_path / "report", progress=False)
     assert list(results["rows"]) == ["scaled"] and results["models"]["scaled"]["rope_scaling"] == "linear"
+
+
+def test_megatron_backend_runs_the_output_layer_on_kept_positions_only(checkpoints):
+    from drope_megatron.eval.backends import MegatronBackend
+
+    backend = MegatronBackend(checkpoints["rope"], "float32", 1)
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    seen = []
+    handle = backend.model.output_layer.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    plain, kept = backend.logits(ids), backend.logits(ids, keep=3)
+    handle.remove()
+    assert seen == [40, 3] and kept.shape == (1, 3, VOCAB)
+    torch.testing.assert_close(kept, plain[:, -3:])
+    assert torch.equal(backend.logits(ids), plain)  # the slicing hook is gone afterwards

@@ -140,3 +140,13 @@ def test_deepspeed_launcher(corpus, tmp_path):
     proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(losses(tmp_path / "run")[0]) == 3
+
+
+def test_a_run_without_save_dir_says_it_keeps_nothing(corpus, megatron_world, capsys):
+    from drope_megatron.config import load_recipe
+    from drope_megatron.train.loop import train
+
+    recipe = load_recipe(None, [*corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), "train.steps=1",
+                                "train.global_batch_size=2", "model.num_query_groups=4"])
+    assert train(recipe, "rope", show_progress=False)["step"] == 1
+    assert "train.save_dir is not set: this run keeps no checkpoint" in capsys.readouterr().err
