@@ -61,14 +61,15 @@ class _CpuTorch(types.ModuleType):
         return torch.zeros(*args, device="cpu" if device == "cuda" else device, **kwargs)
 
 
-def kernel_fusions(requested: bool) -> dict:
+def kernel_fusions(requested: bool, dtype: torch.dtype) -> dict:
     """TransformerConfig fusion flags: on CUDA, the fusions megatron-core runs without Transformer
-    Engine or apex (SwiGLU and cross-entropy, compiled by torch.compile); none on the CPU, where
-    the compile would cost more than the kernels save and the other fusions need CUDA libraries."""
+    Engine or apex, compiled by torch.compile: SwiGLU (any dtype), and cross-entropy for bf16 models
+    only (its backward hands back bf16 logit gradients whatever the model's dtype). None on the CPU,
+    where the compile would cost more than the kernels save."""
     on = requested and torch.cuda.is_available()
-    return dict(bias_activation_fusion=on, cross_entropy_loss_fusion=on, cross_entropy_fusion_impl="native",
-                bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
-                persist_layer_norm=False, gradient_accumulation_fusion=False)
+    return dict(bias_activation_fusion=on, cross_entropy_loss_fusion=on and dtype is torch.bfloat16,
+                cross_entropy_fusion_impl="native", bias_dropout_fusion=False, masked_softmax_fusion=False,
+                apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False)
 
 
 def apply_cpu_shims() -> bool:

@@ -71,8 +71,8 @@ class ModelConfig:
     # Length-aware temperature, meant for evaluation past the training context: "log_length"
     # scales logits at query position i by max(1, log(i + 1) / log(seq_length)); 1 inside it.
     attention_temperature: Literal["none", "log_length"] = "none"
-    # Megatron's torch.compile-fused SwiGLU and cross-entropy, used only where CUDA is present
-    # (compat.kernel_fusions); the weights and the math are the same either way.
+    # Megatron's torch.compile-fused SwiGLU, and cross-entropy for bf16 models, used only where
+    # CUDA is present (compat.kernel_fusions); no weight depends on it.
     fused_kernels: bool = True
 
     @property

@@ -18,6 +18,7 @@ def test_recipe_runtime_options_replace_the_stored_ones(tmp_path):
                          "model.attention_temperature=log_length").model
     m, _, _ = checkpoint.prepare(tmp_path / "ckpt", ParallelConfig(), attention=checkpoint.runtime_options(wanted))
     assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (False, 0.5, "log_length")
-    # A recipe that leaves the attention options at their defaults keeps the stored ones.
-    m, _, _ = checkpoint.prepare(tmp_path / "ckpt", ParallelConfig(), attention=checkpoint.runtime_options(recipe.model))
-    assert (m.fused_kernels, m.softmax_scale) == (True, None)
+    # The recipe's fused_kernels always wins (a plain bool); unset attention options keep the stored ones.
+    checkpoint.save(model, wanted, tmp_path / "tuned")
+    m, _, _ = checkpoint.prepare(tmp_path / "tuned", ParallelConfig(), attention=checkpoint.runtime_options(recipe.model))
+    assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (True, 0.5, "log_length")

@@ -43,11 +43,13 @@ def test_kernel_fusions_only_where_cuda_is():
     from drope_megatron.model.build import transformer_config
     from tests.helpers import tiny_recipe
 
-    flags = ("bias_activation_fusion", "cross_entropy_loss_fusion")
     for requested in (True, False):
-        recipe = tiny_recipe(f"model.fused_kernels={str(requested).lower()}")
-        config = transformer_config(recipe.model, recipe.parallel)
-        expected = requested and torch.cuda.is_available()
-        assert [getattr(config, f) for f in flags] == [expected, expected]
-        # The fusions that need Transformer Engine or apex stay off everywhere.
-        assert not (config.apply_rope_fusion or config.gradient_accumulation_fusion or config.persist_layer_norm)
+        for dtype in ("float32", "bfloat16"):
+            recipe = tiny_recipe(f"model.fused_kernels={str(requested).lower()}", f"model.params_dtype={dtype}")
+            config = transformer_config(recipe.model, recipe.parallel)
+            on = requested and torch.cuda.is_available()
+            assert config.bias_activation_fusion is on
+            # Megatron's fused cross-entropy returns bf16 gradients: never under an fp32 model.
+            assert config.cross_entropy_loss_fusion is (on and dtype == "bfloat16")
+            # The fusions that need Transformer Engine or apex stay off everywhere.
+            assert not (config.apply_rope_fusion or config.gradient_accumulation_fusion or config.persist_layer_norm)

@@ -37,7 +37,7 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
         # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP.
-        use_cpu_initialization=True, **compat.kernel_fusions(m.fused_kernels),
+        use_cpu_initialization=True, **compat.kernel_fusions(m.fused_kernels, dtype),
     )
     return config
 

@@ -38,9 +38,10 @@ def _model(recipe: Recipe, phase: str, ds_config: dict):
     """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised.
     Under ZeRO-3 the checkpoint is loaded straight into partitioned parameters."""
     init = recipe.train.init_from
-    # Without bf16 (as the DeepSpeed config finally says), DeepSpeed keeps no fp32 master weights:
-    # a bf16 (or fp16) model must train in fp32.
-    dtype = None if ds_config["bf16"]["enabled"] else "float32"
+    # The model is built in the dtype it trains in (as the DeepSpeed config finally says; DeepSpeed
+    # would cast it anyway), so that what depends on it, e.g. the fused cross-entropy, sees it.
+    # Without bf16 DeepSpeed keeps no fp32 master weights: a bf16 checkpoint trains in fp32.
+    dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
     # From a checkpoint: its architecture; the recipe adds the phase, QK-norm and attention options.
     attention = checkpoint.runtime_options(recipe.model)
     if init and ds_config["zero_optimization"].get("stage") == 3:
@@ -49,12 +50,11 @@ def _model(recipe: Recipe, phase: str, ds_config: dict):
         model, m = checkpoint.load_model(init, recipe.parallel, dtype, add_qk_norm=recipe.model.qk_norm,
                                          attention=attention)
     else:
-        m = dataclasses.replace(recipe.model, params_dtype=dtype or recipe.model.params_dtype)
+        m = dataclasses.replace(recipe.model, params_dtype=dtype)
         model = build_model(m, recipe.parallel)
     model.set_phase(phase, recipe.model.rope_layers or m.rope_layers)
     m.phase = phase  # what this run trains (the checkpoint may have been saved in another phase)
-    # What the saved weights will be: DeepSpeed casts the model to bf16 when bf16 is on.
-    m.params_dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
+    m.params_dtype = dtype  # what the saved weights will be
     return model, m
 
 
