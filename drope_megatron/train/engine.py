@@ -25,6 +25,10 @@ class MegatronMPU:
         return getattr(parallel_state, name)
 
 
+# DeepSpeed's spellings of fp32 (its DtypeEnum).
+FP32_NAMES = ("fp32", "float32", "float", "torch.float32")
+
+
 def use_bf16(t: TrainConfig) -> bool:
     return t.precision == "bf16" or (t.precision == "auto" and torch.cuda.is_available())
 
@@ -50,7 +54,7 @@ def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
     if t.offload_optimizer:
         ours["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
     if t.deepspeed_config is None:
-        return ours
+        return _accumulation_dtype(ours, "the recipe")
     path = Path(t.deepspeed_config)
     if not path.is_file():
         raise ConfigError(f"train.deepspeed_config {path} does not exist")
@@ -64,7 +68,22 @@ def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
             raise ConfigError(f"{path}: {key}={merged[key]} disagrees with the recipe ({ours[key]}): set it to "
                               "\"auto\" or change train.global_batch_size / train.micro_batch_size")
     _agree(path, merged, t)
-    return merged
+    return _accumulation_dtype(merged, str(path))
+
+
+def _accumulation_dtype(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """Under bf16 with ZeRO >= 1, gradients accumulate across micro-batches in fp32, as Megatron's
+    main grads do (DeepSpeed's default is the model dtype) unless the JSON says otherwise;
+    DeepSpeed has no fp32 accumulation for bf16 at ZeRO 0."""
+    bf16 = config["bf16"].get("enabled") is True
+    stage = config["zero_optimization"].get("stage", 0)
+    chosen = (config.get("data_types") or {}).get("grad_accum_dtype")
+    if bf16 and stage >= 1 and chosen is None:
+        config["data_types"] = {**(config.get("data_types") or {}), "grad_accum_dtype": "fp32"}
+    elif bf16 and stage == 0 and chosen in FP32_NAMES:
+        raise ConfigError(f"{source}: data_types.grad_accum_dtype={chosen} under bf16 needs ZeRO stage >= 1 "
+                          "(DeepSpeed has none at stage 0): raise the stage or remove data_types")
+    return config
 
 
 def _agree(path: Path, merged: dict[str, Any], t: TrainConfig) -> None:

@@ -32,3 +32,35 @@ def test_latest_naming_a_missing_checkpoint_is_refused_in_one_line(tmp_path):
     (tmp_path / "latest").write_text("step00000100\n")
     with pytest.raises(ConfigError, match="names step00000100, which is missing or incomplete"):
         checkpointing.load(None, tmp_path, {"tp": 1})
+
+
+def test_bf16_zero1_resumes_its_fp32_accumulating_optimizer(megatron_world, tmp_path):
+    import torch
+
+    from drope_megatron.config import TrainConfig
+    from drope_megatron.train.engine import deepspeed_config, initialize
+    from tests.helpers import batch, tiny_model
+
+    config = deepspeed_config(TrainConfig(zero_stage=1, precision="bf16", micro_batch_size=2, global_batch_size=4),
+                              dp=1)
+
+    def engine(seed):
+        model, recipe = tiny_model(seed=seed)
+        return initialize(model.bfloat16(), recipe.train, config), recipe
+
+    def step(e, recipe):
+        tokens, positions = batch(recipe)
+        for _ in range(2):
+            loss = e(tokens[:, :-1], positions[:, :-1], None, labels=tokens[:, 1:]).float().mean()
+            e.backward(loss)
+            e.step()
+        return loss.item()
+
+    first, recipe = engine(0)
+    step(first, recipe)
+    checkpointing.save(first, tmp_path, 1, 0, {"tp": 1}, 2, {})
+    second, _ = engine(1)  # other weights until the checkpoint loads
+    assert checkpointing.load(second, tmp_path, {"tp": 1})["step"] == 1
+    assert step(first, recipe) == step(second, recipe)  # weights and fp32 optimizer state came back
+    for a, b in zip(first.module.parameters(), second.module.parameters()):
+        assert torch.equal(a, b)

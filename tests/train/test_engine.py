@@ -72,3 +72,38 @@ def test_one_rank_without_zero_skips_the_identity_all_reduce(megatron_world, sta
     opt.step()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+@pytest.mark.parametrize("stage,offload", [(1, False), (1, True), (2, False), (3, False)])
+def test_bf16_with_zero_accumulates_gradients_in_fp32(megatron_world, stage, offload):
+    import torch
+
+    from drope_megatron.train.engine import initialize
+    from tests.helpers import batch
+
+    config = deepspeed_config(TrainConfig(zero_stage=stage, precision="bf16", micro_batch_size=2,
+                                          global_batch_size=4, offload_optimizer=offload), dp=1)
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"}
+    model, recipe = tiny_model()
+    engine = initialize(model.bfloat16(), recipe.train, config)
+    # ZeRO 1 gets DeepSpeed's BF16_Optimizer (fp32 gradients), unless it offloads; the ZeRO
+    # optimizers keep fp32 gradient copies.
+    fp32 = (type(engine.optimizer).__name__ == "BF16_Optimizer" if stage == 1 and not offload
+            else engine.optimizer.gradient_accumulation_dtype is torch.float32)
+    assert fp32
+    tokens, positions = batch(recipe)
+    for _ in range(2):  # two micro-batches: one accumulation boundary
+        engine.backward(engine(tokens[:, :-1], positions[:, :-1], None, labels=tokens[:, 1:]).float().mean())
+        engine.step()
+    assert engine.global_steps == 1 and torch.isfinite(torch.as_tensor(engine.get_global_grad_norm()))
+
+
+def test_fp32_accumulation_choices(tmp_path):
+    assert "data_types" not in deepspeed_config(TrainConfig(zero_stage=2, precision="fp32"), dp=1)
+    assert "data_types" not in deepspeed_config(TrainConfig(zero_stage=0, precision="bf16"), dp=1)
+    kept = _json(tmp_path, zero_optimization={"stage": 2}, data_types={"grad_accum_dtype": "bf16"})
+    assert deepspeed_config(TrainConfig(deepspeed_config=kept, precision="bf16"), dp=1)["data_types"] == \
+        {"grad_accum_dtype": "bf16"}  # the JSON's choice stands
+    refused = _json(tmp_path, zero_optimization={"stage": 0}, data_types={"grad_accum_dtype": "float"})
+    with pytest.raises(ConfigError, match="grad_accum_dtype=float under bf16 needs ZeRO stage >= 1"):
+        deepspeed_config(TrainConfig(deepspeed_config=refused, precision="bf16"), dp=1)
