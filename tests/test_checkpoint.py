@@ -20,5 +20,6 @@ def test_recipe_runtime_options_replace_the_stored_ones(tmp_path):
     assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (False, 0.5, "log_length")
     # The recipe's fused_kernels always wins (a plain bool); unset attention options keep the stored ones.
     checkpoint.save(model, wanted, tmp_path / "tuned")
-    m, _, _ = checkpoint.prepare(tmp_path / "tuned", ParallelConfig(), attention=checkpoint.runtime_options(recipe.model))
+    defaults = checkpoint.runtime_options(recipe.model)
+    m, _, _ = checkpoint.prepare(tmp_path / "tuned", ParallelConfig(), attention=defaults)
     assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (True, 0.5, "log_length")
