@@ -3,6 +3,7 @@ so readers never see half of one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ def write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make `latest` and metadata owner-only
+        os.chmod(tmp, file_mode())  # mkstemp's 0600 would make `latest` and metadata owner-only
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -27,10 +28,12 @@ def write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode an ordinary new file gets: 0666 less the umask. Reading the umask sets it for a
+    moment, so call this where no other thread is creating files."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -51,10 +54,34 @@ def refuse_existing(dst: Path, overwrite: bool) -> None:
 
 def publish_dir(staging: Path, dst: Path) -> None:
     """Move a finished folder into place. An old `dst` is set aside first and removed only after
-    the new one is in place, so at every moment one complete version exists."""
+    the new one is in place, so at every moment one complete version exists. The folder's bytes
+    reach the disk before its name does: without that, a crash soon after could leave a
+    published folder of empty files (file systems may commit a rename before the data)."""
+    sync_tree(staging)
     old = dst.with_name(f".{dst.name}.old")
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         dst.rename(old)
     staging.rename(dst)
+    sync_path(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file and folder under `folder`, then `folder` itself (cheap for bytes already synced)."""
+    for path in sorted(folder.rglob("*"), key=lambda p: -len(p.parts)):  # children before their folder
+        if not path.is_symlink():
+            sync_path(path)
+    sync_path(folder)
+
+
+def sync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some file systems (FUSE, CIFS) cannot fsync a folder; its files are synced all the same.
+        if not (path.is_dir() and exc.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)

@@ -13,8 +13,10 @@ half a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -71,7 +73,9 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
         (tmp / "weights").mkdir(parents=True)
     _barrier()
     try:
-        dist_checkpointing.save(sharded if sharded is not None else model.sharded_state_dict(), str(tmp / "weights"))
+        with _results_in_process():
+            dist_checkpointing.save(sharded if sharded is not None else model.sharded_state_dict(),
+                                    str(tmp / "weights"))
         if rank0:
             # The live model is the truth for what it computes: its padding and its current phase.
             m = dataclasses.replace(m, padded_vocab_size=model.vocab_size, phase=model.phase,
@@ -96,19 +100,37 @@ def save_in_parts(parts: Iterable[dict], m: ModelConfig, dst: str | Path, extra:
     (tmp / "weights").mkdir(parents=True)
     try:
         manifest = {}
-        for i, sharded in enumerate(parts):
-            name = f"part-{i:03d}"
-            (tmp / "weights" / name).mkdir()
-            manifest[name] = sorted(sharded)
-            # A part holds some layers of the stacked layer tensors: not the whole of them.
-            dist_checkpointing.save(_explicit_layer_axis(sharded), str(tmp / "weights" / name),
-                                    validate_access_integrity=False)
+        with _results_in_process():
+            for i, sharded in enumerate(parts):
+                name = f"part-{i:03d}"
+                (tmp / "weights" / name).mkdir()
+                manifest[name] = sorted(sharded)
+                # A part holds some layers of the stacked layer tensors: not the whole of them.
+                dist_checkpointing.save(_explicit_layer_axis(sharded), str(tmp / "weights" / name),
+                                        validate_access_integrity=False)
         (tmp / "weights" / PARTS).write_text(json.dumps({"parts": manifest}, indent=1) + "\n")
         _publish(tmp, dst, m, extra, tokenizer)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+@contextlib.contextmanager
+def _results_in_process():
+    """megatron-core's writer returns each save's results through a queue served by a spawned
+    manager process, which its asynchronous saves need; that process imports torch to read the
+    first result, about 2 s each run. These saves are synchronous: the results stay in-process."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", ()) is not None:  # made already, or another layout
+        yield
+        return
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = None
 
 
 def _explicit_layer_axis(sharded: dict) -> dict:

@@ -1,6 +1,10 @@
-"""Options that change no weights follow the recipe when a run starts from a checkpoint."""
+"""Options that change no weights follow the recipe when a run starts from a checkpoint; a save
+starts no process that outlives it."""
+
+import multiprocessing
 
 import pytest
+import torch
 
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ParallelConfig
@@ -23,3 +27,21 @@ def test_recipe_runtime_options_replace_the_stored_ones(tmp_path):
     defaults = checkpoint.runtime_options(recipe.model)
     m, _, _ = checkpoint.prepare(tmp_path / "tuned", ParallelConfig(), attention=defaults)
     assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (True, 0.5, "log_length")
+
+
+def test_a_save_leaves_no_helper_process_behind(tmp_path, monkeypatch):
+    # megatron-core's writer would otherwise spawn a results manager (a process importing torch)
+    # on its first save and keep it until exit; a direct dist_checkpointing.save elsewhere in this
+    # test process may have made one already, so this save starts as if it were the first.
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)
+    before = set(multiprocessing.active_children())
+    model, recipe = tiny_model()
+    with distributed.session(single=True):
+        checkpoint.save(model, recipe.model, tmp_path / "ckpt")
+    assert set(multiprocessing.active_children()) <= before
+    with distributed.session(single=True):
+        loaded = checkpoint.load_model(tmp_path / "ckpt", ParallelConfig())[0]
+    saved = model.state_dict()
+    assert all(torch.equal(t, saved[k]) for k, t in loaded.state_dict().items() if torch.is_tensor(t))

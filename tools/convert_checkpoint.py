@@ -8,7 +8,7 @@
 
 import sys
 
-from drope_megatron.cli import main
+from drope_megatron.cli import run
 
 if __name__ == "__main__":
-    sys.exit(main(["convert", *sys.argv[1:]]))
+    run(["convert", *sys.argv[1:]])

@@ -2,7 +2,8 @@
 
 Tensors stream from the safetensors shards one layer at a time into a checkpoint written in
 parts (`checkpoint.save_in_parts`): the model is never whole in memory, only the layer being
-written. Every Hugging Face tensor must be used exactly once and have the shape the config implies.
+written and the next, read meanwhile. Every Hugging Face tensor must be used exactly once and
+have the shape the config implies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from drope_megatron import atomic, checkpoint, dtypes
 from drope_megatron.config import ConfigError, ParallelConfig, Recipe, validate
 from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.families import family_for
+from drope_megatron.convert.read_ahead import read_ahead
 from drope_megatron.convert.safetensors_io import SafetensorsReader
 
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
@@ -53,9 +55,10 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
         with distributed.session(single=True):
             keys = checkpoint.sharded_keys(m, ParallelConfig())
             parts = _parts(keys, reader, tensors.Shapes.of(m, m.padded_vocab_size), show_progress)
-            # The source folder's tokenizer and generation files travel; its weights and config do not.
-            checkpoint.save_in_parts(parts, m, dst, extra={"source": hf_config.source_record(cfg, family),
-                                                           "written_for": {"tp": tp, "pp": pp}}, tokenizer=src)
+            extra = {"source": hf_config.source_record(cfg, family), "written_for": {"tp": tp, "pp": pp}}
+            with read_ahead(parts) as stream:
+                # The source folder's tokenizer and generation files travel; its weights and config do not.
+                checkpoint.save_in_parts(stream, m, dst, extra=extra, tokenizer=src)
     except BaseException:
         shutil.rmtree(atomic.staging_dir(dst), ignore_errors=True)  # no partial output
         raise

@@ -3,7 +3,8 @@
 A RoPE model goes back to its source architecture; a DroPE (or per-layer) model becomes a
 stock `SmolLM3ForCausalLM` with `no_rope_layers`, loadable by `AutoModelForCausalLM` without
 `trust_remote_code`. The checkpoint is read one layer at a time and written shard by shard, so
-memory holds a layer and the shard being filled; vocabulary padding is cut off.
+memory holds two layers (the next is read while this one is converted) and two shards (one
+written while the next fills); vocabulary padding is cut off.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from tqdm import tqdm
 from drope_megatron import atomic, dtypes
 from drope_megatron.config import ParallelConfig, rope_flags
 from drope_megatron.convert import hf_config, hf_tokenizer, tensors
+from drope_megatron.convert.read_ahead import read_ahead
 from drope_megatron.convert.safetensors_io import ShardedWriter
 from drope_megatron import checkpoint
 
 
 def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwrite: bool = False,
-           max_shard_bytes: int = 2**30, show_progress: bool = True) -> str:
+           max_shard_bytes: int = 2**29, show_progress: bool = True) -> str:
     """Write the Hugging Face folder; returns a one-line description of what was written."""
     src, dst = Path(src), Path(dst)
     atomic.refuse_existing(dst, overwrite)
@@ -43,8 +45,8 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
         with distributed.session(single=True):
             # A family without Qwen2's own qkv biases carries them as attention_bias, which adds o's too.
             zero_o_bias = m.qkv_bias and not family.qkv_bias
-            _write_tensors(_read_by_layer(src), m, zero_o_bias, ShardedWriter(staging, max_shard_bytes),
-                           out_dtype, show_progress)
+            with ShardedWriter(staging, max_shard_bytes) as writer, read_ahead(_read_by_layer(src)) as layers:
+                _write_tensors(layers, m, zero_o_bias, writer, out_dtype, show_progress)
         if (src / "tokenizer").is_dir():  # first: nothing in it may replace the model's own files
             hf_tokenizer.copy_tokenizer(src / "tokenizer", staging)
         cfg.save_pretrained(str(staging))
@@ -58,7 +60,8 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
 
 
 def _read_by_layer(src: Path):
-    """(name, tensor) of every parameter, reading the checkpoint one layer at a time."""
+    """{name: tensor} of each layer's parameters in turn (the embedding, final norm and output
+    layer each on their own), reading the checkpoint one layer at a time."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     m, _, weights = checkpoint.prepare(src, ParallelConfig())
@@ -66,11 +69,12 @@ def _read_by_layer(src: Path):
     for _, items in itertools.groupby(keys.items(), key=lambda kv: checkpoint.piece_of(kv[0])):
         request = {name: dataclasses.replace(spec, data=torch.empty(spec.data.shape, dtype=spec.data.dtype))
                    for name, spec in items}
-        yield from checkpoint.load_sharded(request, weights, whole=False).items()
+        yield checkpoint.load_sharded(request, weights, whole=False)
 
 
-def _write_tensors(named, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
+def _write_tensors(layers, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
     shapes = tensors.Shapes.of(m, m.padded_vocab_size)
+    named = (item for layer in layers for item in layer.items())
     for name, tensor in tqdm(named, desc="megatron -> hf", unit="tensor", disable=not show_progress):
         rule = tensors.mapping_for(name)
         for hf_name, hf_tensor in zip(rule.hf, tensors.to_hf(rule.how, tensor, shapes)):

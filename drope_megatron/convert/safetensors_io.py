@@ -5,13 +5,14 @@ Shards and the index are laid out as `save_pretrained` lays them out."""
 from __future__ import annotations
 
 import json
-import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from drope_megatron import atomic
 from drope_megatron.config import ConfigError
 
 INDEX = "model.safetensors.index.json"
@@ -69,14 +70,29 @@ class SafetensorsReader:
 
 
 class ShardedWriter:
-    """Collects tensors into safetensors shards of at most `max_bytes`, then writes the index."""
+    """Collects tensors into safetensors shards of at most `max_bytes`, then writes the index.
 
-    def __init__(self, folder: Path, max_bytes: int = 2**30):
+    A full shard is written on a background thread while the next one fills (safetensors writes
+    without holding the GIL), so reading and writing overlap and memory holds at most two shards.
+    Use it as a context manager: leaving the block waits for a write still under way, so that an
+    export that fails cleans up after its last write, not during it."""
+
+    def __init__(self, folder: Path, max_bytes: int = 2**29):
         self.folder, self.max_bytes = folder, max_bytes
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[dict[str, torch.Tensor] | list[str]] = []
+        self.shards: list[list[str]] = []
         self.total_bytes = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._writing: Future | None = None
+        # safetensors creates files private (0600); a model folder is shared like any output.
+        self._mode = atomic.file_mode()  # here, not on the writer thread
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         size = tensor.numel() * tensor.element_size()
@@ -87,17 +103,21 @@ class ShardedWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        index = len(self.shards) + 1
-        path = self.folder / f"part-{index}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
-        # safetensors creates the file private (0600); a model folder is shared like any output.
-        path.chmod(0o666 & ~_umask())
+        path = self.folder / f"part-{len(self.shards) + 1}.safetensors"
+        self._wait()  # one shard in flight at a time: memory stays bounded
+        self._writing = self._pool.submit(_write_shard, self.pending, path, self._mode)
         self.shards.append(list(self.pending))
         self.pending, self.pending_bytes = {}, 0
+
+    def _wait(self) -> None:
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()  # a failed write raises here
 
     def close(self) -> None:
         if self.pending or not self.shards:
             self._flush()
+        self._wait()
         count = len(self.shards)
         if count == 1:
             (self.folder / "part-1.safetensors").rename(self.folder / SINGLE)
@@ -111,7 +131,9 @@ class ShardedWriter:
         (self.folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path, mode: int) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    path.chmod(mode)
+    # On disk now, while the next shard fills: the kernel would otherwise hold the bytes back
+    # until the export's final fsync and write them all then.
+    atomic.sync_path(path)

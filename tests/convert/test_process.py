@@ -1,0 +1,33 @@
+"""A conversion process does not import TorchInductor's compiler (megatron-core's import-time
+torch.compile wrappers would pull it in), and an in-process caller's environment is left as it was."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+from drope_megatron.cli import main
+from tests.convert.hf_models import hf_config, save_hf_model
+from tests.helpers import run
+
+pytestmark = pytest.mark.usefixtures("megatron_world")
+PROBE = ("import sys; from drope_megatron.cli import main; code = main(sys.argv[1:]); "
+         "print('compiler imported:', 'torch._inductor.compile_fx' in sys.modules); sys.exit(code)")
+
+
+def test_conversion_in_a_fresh_process_imports_no_compiler(tmp_path):
+    save_hf_model(tmp_path / "hf", hf_config("llama"))
+    for args in (["hf-to-megatron", tmp_path / "hf", tmp_path / "meg"], ["megatron-to-hf", tmp_path / "meg",
+                                                                        tmp_path / "out"]):
+        proc = run([sys.executable, "-c", PROBE, "convert", *map(str, args), "--quiet"])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "compiler imported: False" in proc.stdout
+
+
+def test_an_in_process_conversion_leaves_the_environment_alone(tmp_path):
+    save_hf_model(tmp_path / "hf", hf_config("llama"))
+    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "meg"), "--quiet"]) == 0
+    assert os.environ.get("TORCHDYNAMO_DISABLE") == before  # torch is loaded here: dynamo stays as it is
