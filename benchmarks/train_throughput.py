@@ -11,6 +11,7 @@ compared with a large matmul timed in the same run. Ratios print last.
     python benchmarks/train_throughput.py --quick   # a tiny model, ZeRO 0, 4 steps (CI)
     (on a GPU the full mode uses the GPU shape below: 0.4B parameters, seq 2048, ZeRO 0 and 2, and
     also times our model without megatron's fused kernels)
+    python benchmarks/train_throughput.py --compile # also ours with train.compile_layers=true
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ QUICK = dict(layers=2, hidden=64, heads=4, ffn=192, vocab=256, seq=32, micro=2, 
 # logs rarely), the reference around the same steps.
 
 
-def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True) -> tuple[float, float]:
+def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True,
+         compiled: bool = False) -> tuple[float, float]:
     """Tokens/s and last loss of `drope pretrain` / `recalibrate` on random tokens (Megatron indexed data)."""
     import numpy as np
 
@@ -47,7 +49,7 @@ def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True) ->
         rng = np.random.default_rng(0)
         docs = max(64, shape["steps"] * shape["micro"] * shape["seq"] // 4096 + 8)
         write_indexed((rng.integers(0, shape["vocab"], 4096) for _ in range(docs)), data, shape["vocab"])
-    run_dir = work / f"ours-{phase}-z{stage}-{'fused' if fused else 'plain'}"
+    run_dir = work / f"ours-{phase}-z{stage}-{'fused' if fused else 'plain'}{'-compiled' if compiled else ''}"
     args = [f"model.num_layers={shape['layers']}", f"model.hidden_size={shape['hidden']}",
             f"model.num_attention_heads={shape['heads']}", f"model.ffn_hidden_size={shape['ffn']}",
             f"model.vocab_size={shape['vocab']}", f"model.seq_length={shape['seq']}",
@@ -55,6 +57,7 @@ def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True) ->
             f"train.micro_batch_size={shape['micro']}",
             f"train.global_batch_size={shape['micro']}", f"train.steps={shape['steps']}", f"train.zero_stage={stage}",
             f"train.log_interval={shape['steps']}", f"model.fused_kernels={str(fused).lower()}",
+            f"train.compile_layers={str(compiled).lower()}",
             "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
     command = "pretrain" if phase == "rope" else "recalibrate"
     run([sys.executable, "-m", "drope_megatron.cli", command, *args, "--quiet"])
@@ -146,6 +149,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--stages", help="comma-separated ZeRO stages (default 0,3; quick: 0)")
     parser.add_argument("--phases", default="drope,rope", help="drope (recalibration), rope (pretraining)")
+    parser.add_argument("--compile", action="store_true", help="also time ours with train.compile_layers=true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -164,6 +168,8 @@ def main() -> None:
                 row["ours"], row["loss"] = ours(shape, phase, stage, Path(tmp))
                 if torch.cuda.is_available():  # the fusions exist only there: measure what they give
                     row["plain"], row["plain_loss"] = ours(shape, phase, stage, Path(tmp), fused=False)
+                if args.compile:
+                    row["compiled"], row["compiled_loss"] = ours(shape, phase, stage, Path(tmp), compiled=True)
                 rows.append(row)
     report(shape, rows)
 
@@ -181,6 +187,11 @@ def report(shape: dict, rows: list[dict]) -> None:
         print(f"{r['phase']}, ZeRO {r['stage']}, without megatron's fused kernels: {r['plain']:.0f} tok/s; "
               f"fused / plain {r['ours'] / r['plain']:.2f}x; loss at step {shape['steps']}: "
               f"fused {r['loss']:.4f}, plain {r['plain_loss']:.4f}")
+    for r in (r for r in rows if "compiled" in r):  # steps after the first: the compile is not counted
+        print(f"{r['phase']}, ZeRO {r['stage']}, with compiled layers: {r['compiled']:.0f} tok/s "
+              f"({100 * r['compiled'] * per_token / r['peak_flops']:.1f}% of the peak); compiled / not "
+              f"{r['compiled'] / r['ours']:.2f}x; loss at step {shape['steps']}: compiled "
+              f"{r['compiled_loss']:.4f}, not {r['loss']:.4f}")
     for r in rows:
         print(f"ratio ours / reference, {r['phase']}, ZeRO {r['stage']}: {r['ours'] / r['tokens_per_s']:.2f}x "
               f"(ours at {100 * r['ours'] * per_token / r['peak_flops']:.1f}% of the matmul peak, reference at "

@@ -40,6 +40,13 @@ class DropeGPTModel(GPTModel):
         self.phase = phase
         self.rope_layers = [i for i, f in enumerate(flags) if f]
 
+    def compile_layers(self) -> None:
+        """torch.compile each transformer layer in place, as torchtitan compiles blocks: one
+        graph per layer shape, compiled once and reused by every layer; parameter names (and so
+        checkpoints) stay as they are. Compile after `set_phase`: a phase change recompiles."""
+        for layer in self.decoder.layers:
+            layer.compile()
+
     def set_rotary(self, rotary_base: float, scaling: RopeScalingConfig) -> None:
         """Rebuild the rotary frequencies: base `rotary_base` stretched by `scaling` (megatron's own
         RotaryEmbedding / YarnRotaryEmbedding; the phase decides whether they are applied)."""

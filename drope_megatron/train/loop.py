@@ -88,6 +88,8 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         dp = parallel_state.get_data_parallel_world_size()
         ds_config = ds_engine.deepspeed_config(t, dp)
         model, m = _model(recipe, phase, ds_config)
+        if t.compile_layers:
+            model.compile_layers()
         tok = _tokenizer(recipe, m)
         engine = ds_engine.initialize(model, t, ds_config)
         run_dir = Path(t.save_dir) if t.save_dir else None
