@@ -134,9 +134,7 @@ class TrainConfig:
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept (the final one always is)
     tensorboard: bool = False
-    # torch.compile each transformer layer (the norms, SwiGLU and copies between the GEMMs fuse);
-    # needs a working torch.compile on the node: Triton on CUDA, a C compiler on CPU.
-    compile_layers: bool = False
+    compile_layers: bool = False  # torch.compile each layer (needs Triton on CUDA, a C compiler on CPU)
 
 
 @dataclass
