@@ -7,6 +7,7 @@ with `--table`, the torch profiler's largest kernels. Ratio prints last.
 
     python benchmarks/step_profile.py --table            # GPU shape on CUDA, the CPU shape otherwise
     python benchmarks/step_profile.py --phase rope --micro 16
+    python benchmarks/step_profile.py --compile          # also with compiled layers (train.compile_layers)
     python benchmarks/step_profile.py --quick            # a tiny model (CI)
 """
 
@@ -30,8 +31,10 @@ QUICK = dict(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_siz
              seq_length=32, params_dtype="float32")
 
 
-def step_time(shape: dict, phase: str, micro: int, fused: bool, steps: int, table: bool) -> float:
-    """Seconds per step after 3 warm-up steps; prints the profiler's kernel table when asked."""
+def step_time(shape: dict, phase: str, micro: int, fused: bool, steps: int, table: bool,
+              compiled: bool = False) -> float:
+    """Seconds per step after 3 warm-up steps (which pay any compile); prints the profiler's kernel
+    table when asked."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -43,6 +46,8 @@ def step_time(shape: dict, phase: str, micro: int, fused: bool, steps: int, tabl
     m = ModelConfig(**shape, make_vocab_size_divisible_by=1, tie_embeddings=False, phase=phase,
                     fused_kernels=fused)
     model = build_model(m, ParallelConfig()).to(device, getattr(torch, shape["params_dtype"]))  # norms too
+    if compiled:
+        model.compile_layers()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
     seq = shape["seq_length"]
     tokens = torch.randint(0, shape["vocab_size"], (micro, seq + 1), device=device)
@@ -82,6 +87,7 @@ def main() -> None:
     parser.add_argument("--micro", type=int, default=None, help="sequences per step (default: 8 GPU, 4 CPU)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--table", action="store_true", help="print the profiler's largest kernels (fused run)")
+    parser.add_argument("--compile", action="store_true", help="also time the fused model with compiled layers")
     args = parser.parse_args()
     import torch
 
@@ -91,14 +97,17 @@ def main() -> None:
     shape = QUICK if args.quick else GPU if cuda else CPU
     micro = args.micro or (2 if args.quick else 8 if cuda else 4)
     steps = 2 if args.quick else args.steps
+    variants = {"fused": (True, False), "plain": (False, False), **({"compiled": (True, True)} if args.compile else {})}
     with distributed.session(single=True):
-        times = {fused: step_time(shape, args.phase, micro, fused, steps, args.table and fused)
-                 for fused in (True, False)}
+        times = {name: step_time(shape, args.phase, micro, fused, steps, args.table and name == "fused", compiled)
+                 for name, (fused, compiled) in variants.items()}
     tokens = micro * shape["seq_length"]
-    for fused, seconds in times.items():
-        print(f"{'fused' if fused else 'plain'}: {1000 * seconds:.1f} ms per step, {tokens / seconds:.0f} tokens/s "
+    for name, seconds in times.items():
+        print(f"{name}: {1000 * seconds:.1f} ms per step, {tokens / seconds:.0f} tokens/s "
               f"({args.phase}, micro batch {micro}, seq {shape['seq_length']}, {shape['params_dtype']})")
-    print(f"ratio fused / plain kernels: {times[False] / times[True]:.2f}x"
+    if "compiled" in times:
+        print(f"ratio compiled / fused: {times['fused'] / times['compiled']:.2f}x")
+    print(f"ratio fused / plain kernels: {times['plain'] / times['fused']:.2f}x"
           + ("" if cuda else " (no CUDA: both runs are unfused)"))
 
 
