@@ -9,6 +9,7 @@ runs the RoPE-scaling baselines on the same weights.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
@@ -44,6 +45,7 @@ class DropeGPTModel(GPTModel):
         """torch.compile each transformer layer in place, as torchtitan compiles blocks: one
         graph per layer shape, compiled once and reused by every layer; parameter names (and so
         checkpoints) stay as they are. Compile after `set_phase`: a phase change recompiles."""
+        _trace_warnings_as_no_ops()
         for layer in self.decoder.layers:
             layer.compile()
 
@@ -81,3 +83,18 @@ class DropeGPTModel(GPTModel):
         self.rope_type = "yarn" if scaling.type == "yarn" else "rope"
         if getattr(self, "phase", None) is not None:
             self.position_embedding_type = self.rope_type if self.rope_layers else "none"
+
+
+@functools.cache
+def _trace_warnings_as_no_ops() -> None:
+    """Inside compiled code, `warnings.warn` does nothing. megatron-core 0.16's row-parallel
+    linear passes `tp_group=None`, and the lookup that follows warns (on rank 0) with arguments
+    dynamo can neither trace nor defer: each layer's graph broke in two places. Without the
+    warning a layer is one graph, shared by all layers. Outside compiled code warnings are as before."""
+    import _warnings
+
+    import torch
+
+    @torch._dynamo.substitute_in_graph(_warnings.warn)
+    def warn(message, category=None, stacklevel=1, source=None):
+        return None
