@@ -52,7 +52,8 @@ def generate(folder: Path, shape: dict) -> int:
                        p + "mlp.up_proj.weight": (cfg.intermediate_size, h),
                        p + "mlp.down_proj.weight": (h, cfg.intermediate_size)})
     gen = torch.Generator().manual_seed(0)
-    with ShardedWriter(folder, max_bytes=512 * 2**20) as writer:
+    plan = [(name, shape, torch.bfloat16) for name, shape in shapes.items()]
+    with ShardedWriter(folder, plan, max_bytes=512 * 2**20) as writer:
         for name, shape in shapes.items():
             writer.add(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
         writer.close()
@@ -90,7 +91,7 @@ def main() -> None:
         "copy + sync (disk)": measured(["sh", "-c", f"cp -r {work / 'hf'} {work / 'copy2'} && sync -f {work / 'copy2'}"]),
         "hf -> megatron": measured([*drope, "hf-to-megatron", str(work / "hf"), str(work / "meg"), "--quiet"]),
         "megatron -> hf": measured([*drope, "megatron-to-hf", str(work / "meg"), str(work / "out"), "--quiet"]),
-        # The export holds two output shards (one written while the next fills): smaller, less memory.
+        # Tensors stream into their shard: many small shards should take the memory of one big one.
         "megatron -> hf 64M": measured([*drope, "megatron-to-hf", str(work / "meg"), str(work / "out64"),
                                          "--max-shard-gib", "0.0625", "--quiet"]),
     }

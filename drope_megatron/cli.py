@@ -235,9 +235,9 @@ def _add_convert_parsers(sub) -> None:
     _add_io_args(p, "the checkpoint's dtype")
     p.add_argument("--arch", choices=["auto", "source", "nope"], default="auto",
                    help="auto: source for phase rope, nope otherwise")
-    p.add_argument("--max-shard-gib", type=float, default=0.5,
-                   help="largest safetensors shard; memory holds two, one written while the next fills "
-                        "(default 0.5 GiB)")
+    p.add_argument("--max-shard-gib", type=float, default=5.0,
+                   help="largest safetensors shard (default 5 GiB); tensors stream into it, so its size "
+                        "costs no memory")
     p = actions.add_parser("verify", help="compare logits of a Hugging Face model and a Megatron checkpoint",
                            description="Run both on the same random tokens; print max/mean |logit diff| and top-1 "
                                        "agreement; exit 1 above --atol. At TP/PP > 1 launch TP*PP processes.")

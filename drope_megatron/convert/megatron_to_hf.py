@@ -2,9 +2,9 @@
 
 A RoPE model goes back to its source architecture; a DroPE (or per-layer) model becomes a
 stock `SmolLM3ForCausalLM` with `no_rope_layers`, loadable by `AutoModelForCausalLM` without
-`trust_remote_code`. The checkpoint is read one layer at a time and written shard by shard, so
-memory holds two layers (the next is read while this one is converted) and two shards (one
-written while the next fills); vocabulary padding is cut off.
+`trust_remote_code`. The checkpoint is read one layer at a time and each tensor goes straight into its
+shard's file (the shards are planned from the config first), so memory holds two layers (the next
+is read while this one is converted), whatever the shard size; vocabulary padding is cut off.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from drope_megatron import checkpoint
 
 
 def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwrite: bool = False,
-           max_shard_bytes: int = 2**29, show_progress: bool = True) -> str:
+           max_shard_bytes: int = 5 * 2**30, show_progress: bool = True) -> str:
     """Write the Hugging Face folder; returns a one-line description of what was written."""
     src, dst = Path(src), Path(dst)
     atomic.refuse_existing(dst, overwrite)
@@ -45,7 +45,10 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
         with distributed.session(single=True):
             # A family without Qwen2's own qkv biases carries them as attention_bias, which adds o's too.
             zero_o_bias = m.qkv_bias and not family.qkv_bias
-            with ShardedWriter(staging, max_shard_bytes) as writer, read_ahead(_read_by_layer(src)) as layers:
+            keys = _weight_keys(m)
+            plan = _hf_plan(keys, m, zero_o_bias, out_dtype)
+            with ShardedWriter(staging, plan, max_shard_bytes) as writer, \
+                    read_ahead(_read_by_layer(src, keys)) as layers:
                 _write_tensors(layers, m, zero_o_bias, writer, out_dtype, show_progress)
         if (src / "tokenizer").is_dir():  # first: nothing in it may replace the model's own files
             hf_tokenizer.copy_tokenizer(src / "tokenizer", staging)
@@ -59,13 +62,34 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     return f"wrote {family.architecture}{detail} ({dtypes.name_of(out_dtype)}) to {dst}"
 
 
-def _read_by_layer(src: Path):
-    """{name: tensor} of each layer's parameters in turn (the embedding, final norm and output
-    layer each on their own), reading the checkpoint one layer at a time."""
+def _weight_keys(m) -> dict:
+    """The checkpoint's tensors (not its extra-state objects), described on the meta device, in order."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    m, _, weights = checkpoint.prepare(src, ParallelConfig())
-    keys = {k: v for k, v in checkpoint.sharded_keys(m, ParallelConfig()).items() if not isinstance(v, ShardedObject)}
+    return {k: v for k, v in checkpoint.sharded_keys(m, ParallelConfig()).items() if not isinstance(v, ShardedObject)}
+
+
+def _hf_plan(keys: dict, m, zero_o_bias: bool, dtype: torch.dtype) -> list:
+    """Every Hugging Face tensor the export writes, with its shape and dtype, in the order written."""
+    shapes = tensors.Shapes.of(m, m.padded_vocab_size)
+    plan = []
+    for name, spec in keys.items():
+        rule = tensors.mapping_for(name)
+        hf_shapes = tensors.expected_hf_shapes(rule.how, tuple(spec.data.shape), shapes)
+        plan += [(hf_name, shape, dtype) for hf_name, shape in zip(rule.hf, hf_shapes)]
+        if zero_o_bias and rule.how == "qkv" and name.endswith(".bias"):
+            plan.append((_o_bias(rule), (m.hidden_size,), dtype))
+    return plan
+
+
+def _o_bias(rule: tensors.Mapping) -> str:
+    return rule.hf[0].replace("q_proj", "o_proj")
+
+
+def _read_by_layer(src: Path, keys: dict):
+    """{name: tensor} of each layer's parameters in turn (the embedding, final norm and output
+    layer each on their own), reading the checkpoint one layer at a time."""
+    _, _, weights = checkpoint.prepare(src, ParallelConfig())
     for _, items in itertools.groupby(keys.items(), key=lambda kv: checkpoint.piece_of(kv[0])):
         request = {name: dataclasses.replace(spec, data=torch.empty(spec.data.shape, dtype=spec.data.dtype))
                    for name, spec in items}
@@ -80,6 +104,5 @@ def _write_tensors(layers, m, zero_o_bias: bool, writer: ShardedWriter, dtype: t
         for hf_name, hf_tensor in zip(rule.hf, tensors.to_hf(rule.how, tensor, shapes)):
             writer.add(hf_name, hf_tensor.to(dtype))
         if zero_o_bias and rule.how == "qkv" and name.endswith(".bias"):
-            o_bias = rule.hf[0].replace("q_proj", "o_proj")
-            writer.add(o_bias, torch.zeros(m.hidden_size, dtype=dtype))
+            writer.add(_o_bias(rule), torch.zeros(m.hidden_size, dtype=dtype))
     writer.close()
