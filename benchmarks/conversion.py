@@ -9,6 +9,7 @@ step's writeback.
 
     python benchmarks/conversion.py            # 1.1B params, bf16 (2.2 GB), in ./.build/bench-conversion
     python benchmarks/conversion.py --quick    # a tiny model (CI)
+    python benchmarks/conversion.py --layers 32   # twice as deep (2.1B, 4.1 GB): memory stays
 
 Each step runs in its own process; its peak RSS is that process's own maximum.
 """
@@ -76,10 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model (CI)")
     parser.add_argument("--workdir", type=Path, default=Path(".build/bench-conversion"))
+    parser.add_argument("--layers", type=int, help="another depth, same layer shape: memory should not follow it")
     args = parser.parse_args()
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
-    size = generate(work / "hf", QUICK if args.quick else FULL)
+    shape = dict(QUICK if args.quick else FULL)
+    if args.layers:
+        shape["num_hidden_layers"] = args.layers
+    size = generate(work / "hf", shape)
     params = size / 2  # bf16
     drope = [sys.executable, "-m", "drope_megatron.cli", "convert"]
     imports = ("import transformers, megatron.core.dist_checkpointing; "
