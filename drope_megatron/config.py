@@ -1,29 +1,22 @@
 """Typed recipe: dataclasses for model, parallelism, training, data and evaluation.
 
 A recipe is a YAML file whose top-level sections match `Recipe`'s fields. Command-line
-overrides use dotted keys (`train.lr=1e-4`, `model.rope_layers=[0,3]`). Every problem is
-reported at load time as one `ConfigError` line naming the key.
+overrides use dotted keys (`train.lr=1e-4`, `model.rope_layers=[0,3]`), read and type-checked by
+`typed_yaml`; `validate` then rejects combinations no run can use. Every problem is reported at
+load time as one `ConfigError` line naming the key.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
+from drope_megatron.typed_yaml import ConfigError, apply_override, build, read_yaml
 
 
 PHASES = ("rope", "drope", "layers")
-
-
-class ConfigError(ValueError):
-    """A recipe or override that cannot be used; the message is one line naming the key."""
 
 
 @dataclass
@@ -199,10 +192,10 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_yaml(Path(path))
     for item in overrides:
-        _apply_override(raw, item)
-    recipe = _build(Recipe, raw, "")
+        apply_override(raw, item)
+    recipe = build(Recipe, raw, "")
     validate(recipe)
     return recipe
 
@@ -213,106 +206,7 @@ def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
 
 def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
     """A ModelConfig from stored data (checkpoint metadata), type-checked like a recipe."""
-    return _build(ModelConfig, raw, "model.")
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"recipe {path} does not exist: pass the path of a YAML recipe")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" line {line + 1}" if line is not None else ""
-        raise ConfigError(f"recipe {path}{where} is not valid YAML: fix its syntax") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"recipe {path} must be a mapping of sections (model:, train:, ...)")
-    return raw
-
-
-def _apply_override(raw: dict[str, Any], item: str) -> None:
-    key, sep, text = item.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"override {item!r} is not key=value: write e.g. train.lr=1e-4")
-    try:
-        value = yaml.safe_load(text) if text else ""
-    except yaml.YAMLError:
-        value = text
-    node = raw
-    parts = key.split(".")
-    for part in parts[:-1]:
-        if node.get(part) is None:  # absent, or an empty section in the YAML
-            node[part] = {}
-        child = node[part]
-        if not isinstance(child, dict):
-            raise ConfigError(f"override {key}: {part} is a value, not a section")
-        node = child
-    node[parts[-1]] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    if raw is None and prefix:  # a section whose keys are all commented out
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'recipe'} must be a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(names)})"
-            raise ConfigError(f"unknown key {prefix}{key}{hint}")
-    kwargs = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in names if name in raw}
-    return cls(**kwargs)
-
-
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, args))}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    return _coerce_scalar(tp, value, key)
-
-
-def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None and math.isfinite(number):
-            return number
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):  # YAML reads `- 8192` as a number
-            return str(value)
-    raise ConfigError(f"{key} must be {tp.__name__}, got {value!r}")
+    return build(ModelConfig, raw, "model.")
 
 
 def validate(recipe: Recipe) -> None:
