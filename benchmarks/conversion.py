@@ -57,7 +57,6 @@ def generate(folder: Path, shape: dict) -> int:
     with ShardedWriter(folder, plan, max_bytes=512 * 2**20) as writer:
         for name, shape in shapes.items():
             writer.add(name, (torch.randn(shape, generator=gen) * 0.02).to(torch.bfloat16))
-        writer.close()
     cfg.save_pretrained(str(folder))
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 

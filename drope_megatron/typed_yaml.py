@@ -61,7 +61,7 @@ def build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None and prefix:  # a section whose keys are all commented out
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{prefix or 'recipe'} must be a mapping, got {raw!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in raw:

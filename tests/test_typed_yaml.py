@@ -40,7 +40,7 @@ def test_a_file_and_overrides_build_typed_values(tmp_path):
     ({"inner": {"mode": "c"}}, "inner.mode='c' is not one of a, b"),
     ({"flag": "yes"}, "flag must be bool"),
     ({"lr": float("nan")}, "lr must be float"),
-    ({"inner": 3}, "inner. must be a mapping"),
+    ({"inner": 3}, "inner must be a mapping"),
 ])
 def test_each_problem_names_its_key(raw, message):
     with pytest.raises(ConfigError, match=message):

@@ -93,7 +93,8 @@ def _read_by_layer(src: Path, keys: dict):
     for _, items in itertools.groupby(keys.items(), key=lambda kv: checkpoint.piece_of(kv[0])):
         request = {name: dataclasses.replace(spec, data=torch.empty(spec.data.shape, dtype=spec.data.dtype))
                    for name, spec in items}
-        yield checkpoint.load_sharded(request, weights, whole=False)
+        loaded = checkpoint.load_sharded(request, weights, whole=False)
+        yield {name: loaded[name] for name in request}  # the plan's order, whatever the read's
 
 
 def _write_tensors(layers, m, zero_o_bias: bool, writer: ShardedWriter, dtype: torch.dtype, show_progress: bool):
@@ -105,4 +106,3 @@ def _write_tensors(layers, m, zero_o_bias: bool, writer: ShardedWriter, dtype: t
             writer.add(hf_name, hf_tensor.to(dtype))
         if zero_o_bias and rule.how == "qkv" and name.endswith(".bias"):
             writer.add(_o_bias(rule), torch.zeros(m.hidden_size, dtype=dtype))
-    writer.close()

@@ -93,7 +93,11 @@ class ShardedWriter:
 
     def __init__(self, folder: Path, plan: Iterable[Planned], max_bytes: int = 5 * 2**30, sync_bytes: int = 2**28):
         self.folder, self.sync_bytes = folder, sync_bytes
-        self.shards = _pack(list(plan), max_bytes)
+        plan = [(name, tuple(shape), dtype) for name, shape, dtype in plan]
+        names = [name for name, _, _ in plan]
+        if len(set(names)) != len(names) or "__metadata__" in names:
+            raise ValueError("the plan names a tensor twice, or one __metadata__: each name once")
+        self.shards = _pack(plan, max_bytes)
         count = len(self.shards)
         self.names = [SINGLE] if count == 1 else [f"model-{i:05d}-of-{count:05d}.safetensors"
                                                    for i in range(1, count + 1)]
@@ -103,16 +107,21 @@ class ShardedWriter:
         self._unsynced = 0
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sync")
         self._syncing: Future | None = None
+        self._closed = False
         # A model folder is shared like any output: the mode an ordinary new file gets.
         self._mode = atomic.file_mode()
 
     def __enter__(self) -> ShardedWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
-        if self._file is not None:
-            self._file.close()
-        self._pool.shutdown(wait=True)
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if self._file is not None:
+                self._file.close()
+            if exc_type is None:
+                self.close()
+        finally:
+            self._pool.shutdown(wait=True)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write the next planned tensor, which must be this one."""
@@ -137,7 +146,11 @@ class ShardedWriter:
             self._sync_in_background()
 
     def close(self) -> None:
-        """Check that every planned tensor came, wait for the last sync, write the index."""
+        """Check that every planned tensor came, wait for the last sync, write the index (leaving
+        the `with` block without an error does this too)."""
+        if self._closed:
+            return
+        self._closed = True
         rest = [name for _, (name, _, _) in self._todo]
         if rest:
             raise ValueError(f"{len(rest)} planned tensor(s) never written, e.g. {rest[0]}")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -19,7 +21,6 @@ def _write(folder, tensors, max_bytes):
     with ShardedWriter(folder, plan, max_bytes=max_bytes) as writer:
         for name, t in tensors.items():
             writer.add(name, t)
-        writer.close()
 
 
 def test_shards_are_capped_indexed_and_hold_every_tensor(tmp_path):
@@ -68,19 +69,26 @@ def test_safetensors_reads_back_every_dtype_and_shape(tmp_path):
 
 
 def test_the_plan_is_enforced(tmp_path):
-    plan = [("a", (2,), torch.float32), ("b", (3,), torch.float32)]
-    with ShardedWriter(tmp_path, plan) as writer:
+    with pytest.raises(ValueError, match="names a tensor twice"):
+        ShardedWriter(tmp_path, [("a", (2,), torch.float32), ("a", (2,), torch.float32)])
+    with pytest.raises(ValueError, match="no tensors to write"):
+        ShardedWriter(tmp_path, [])
+    plan = [("a", [2], torch.float32), ("b", (3,), torch.float32)]  # a list is a shape too
+    for wrong in (("b", torch.zeros(3)), ("a", torch.zeros(2, dtype=torch.float16)), ("a", torch.zeros(3))):
         with pytest.raises(ValueError, match="not the next one planned"):
-            writer.add("b", torch.zeros(3))
-    with ShardedWriter(tmp_path / "x", plan) as writer:
-        (tmp_path / "x").mkdir()
-        with pytest.raises(ValueError, match="not the next one planned"):
-            writer.add("a", torch.zeros(2, dtype=torch.float16))
+            with ShardedWriter(tmp_path, plan) as writer:
+                writer.add(*wrong)
     (tmp_path / "y").mkdir()
-    with ShardedWriter(tmp_path / "y", plan) as writer:
+    with pytest.raises(ValueError, match="1 planned tensor.*never written, e.g. b"):
+        with ShardedWriter(tmp_path / "y", plan) as writer:  # leaving the block checks
+            writer.add("a", torch.zeros(2))
+    (tmp_path / "z").mkdir()
+    with ShardedWriter(tmp_path / "z", plan) as writer:
         writer.add("a", torch.zeros(2))
-        with pytest.raises(ValueError, match="1 planned tensor.*never written, e.g. b"):
-            writer.close()
+        writer.add("b", torch.zeros(3))
+        with pytest.raises(ValueError, match="c comes after the last one planned"):
+            writer.add("c", torch.zeros(1))
+    assert torch.equal(load_file(tmp_path / "z" / SINGLE)["b"], torch.zeros(3))
 
 
 def test_a_failed_background_sync_is_raised_not_lost(tmp_path, monkeypatch):
@@ -109,25 +117,21 @@ def test_a_shard_is_synced_as_it_is_written(tmp_path, monkeypatch):
     with ShardedWriter(tmp_path, plan, sync_bytes=2000) as writer:
         for name, _, _ in plan:
             writer.add(name, torch.zeros(250))
-        writer.close()
     header = 8 + int.from_bytes((tmp_path / SINGLE).read_bytes()[:8], "little")
     # The first sync starts at 2000 bytes and ends before the writer passes 4000 (it waits for it
     # there); the last syncs the whole file.
     assert len(synced) == 3 and header + 2000 <= synced[0] <= header + 4000 and synced[-1] == header + 5000
 
 
-def test_memory_does_not_hold_a_shard(tmp_path):
-    """The writer keeps no tensor once written: the caller's tensors are freed at once."""
-    import weakref
-
+def test_no_tensor_is_kept_once_written(tmp_path):
+    """Each tensor's memory is free as soon as `add` returns: nothing in the writer (a view, a
+    reshape, a numpy view of the bytes) still refers to it, so no shard builds up in memory."""
     plan = [(f"t{i}", (1000,), torch.float32) for i in range(4)]
     with ShardedWriter(tmp_path, plan, max_bytes=2**30) as writer:
-        refs = []
         for name, _, _ in plan:
-            t = torch.ones(1000)
-            refs.append(weakref.ref(t))
-            writer.add(name, t)
-            del t
-        assert all(r() is None for r in refs)
-        writer.close()
+            array = np.ones(1000, dtype=np.float32)
+            freed = weakref.ref(array)
+            writer.add(name, torch.from_numpy(array))  # the tensor shares the array's memory
+            del array
+            assert freed() is None, f"{name} is still held"
     assert torch.equal(load_file(tmp_path / SINGLE)["t3"], torch.ones(1000))
