@@ -99,6 +99,8 @@ class HFBackend:
         self.rope = dict(getattr(config, "rope_parameters", None) or {})  # as loaded; "none" restores it
         self.max_positions = config.max_position_embeddings
         self.base = float(self.rope.get("rope_theta", 10000.0))
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.rotary_dim = int(head_dim * self.rope.get("partial_rotary_factor", 1.0))
         # Per-layer-type parameters (Gemma 3: {"sliding_attention": {...}, ...}) are not one rotary to stretch.
         nested = any(isinstance(v, dict) for v in self.rope.values())
         kind = "per-layer-type" if nested else self.rope.get("rope_type", "default")
@@ -120,8 +122,8 @@ class HFBackend:
             return
         config = self.model.config
         # Only the scaling keys change: the rest (partial_rotary_factor of Phi, GPT-NeoX) stays.
-        config.rope_parameters = {**self.rope, **scaling.hf_rope_parameters(method, self.base, self.train_length,
-                                                                            length)}
+        config.rope_parameters = {**self.rope, **scaling.hf_rope_parameters(method, self.base, self.rotary_dim,
+                                                                            self.train_length, length)}
         config.max_position_embeddings = self.max_positions if method == "none" else self.train_length
         owner = self.model.base_model
         if not isinstance(getattr(owner, "rotary_emb", None), torch.nn.Module):

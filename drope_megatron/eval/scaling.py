@@ -7,7 +7,9 @@ length; at or below the training length every method is plain RoPE.
 
 - `pi`: position interpolation (transformers `linear`).
 - `ntk`: dynamic NTK (transformers `dynamic`), evaluated at the target length: the base grows to
-  base * (factor * L / L_train - (factor - 1)) ** (d / (d - 2)).
+  base * (factor * L / L_train - (factor - 1)) ** (d / (d - 2)), d the rotary dimension. Both
+  backends use that fixed base: transformers' own `dynamic` would recompute it from the longest
+  input seen so far, so a prompt's result would depend on what was evaluated before it.
 - `yarn`: YaRN with beta_fast 32, beta_slow 1 and attention factor 0.1 ln(factor) + 1.
 """
 
@@ -48,13 +50,15 @@ def rotary_for(method: str, base: float, head_dim: int, train_length: int, lengt
     raise ConfigError(f"unknown baseline {method!r}: use one of {', '.join(BASELINES)}")
 
 
-def hf_rope_parameters(method: str, base: float, train_length: int, length: int) -> dict[str, Any]:
-    """transformers `rope_parameters` for the same method (the config's max_position_embeddings
-    must be the training length: dynamic NTK measures the stretch against it)."""
+def hf_rope_parameters(method: str, base: float, rotary_dim: int, train_length: int, length: int) -> dict[str, Any]:
+    """transformers `rope_parameters` for the same method; `rotary_dim` is the rotated part of a
+    head (head_dim x partial_rotary_factor)."""
     s = factor(train_length, length)
     if method == "none" or s == 1.0:
         return {"rope_type": "default", "rope_theta": base}
-    kind = {"pi": "linear", "ntk": "dynamic", "yarn": "yarn"}[method]
+    if method == "ntk":
+        return {"rope_type": "default", "rope_theta": rotary_for(method, base, rotary_dim, train_length, length).base}
+    kind = {"pi": "linear", "yarn": "yarn"}[method]
     params = {"rope_type": kind, "rope_theta": base, "factor": s}
     if method == "yarn":
         params.update(original_max_position_embeddings=train_length, beta_fast=32.0, beta_slow=1.0)

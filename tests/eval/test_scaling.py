@@ -26,12 +26,12 @@ def _hf_angles(method: str, length: int, base: float, head_dim: int):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = scaling.hf_rope_parameters(method, base, TRAIN, length)
+    params = scaling.hf_rope_parameters(method, base, head_dim, TRAIN, length)
     cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=TRAIN,
                       rope_parameters=params)
     kind = params["rope_type"]
-    if kind == "default":  # transformers computes plain RoPE inside each model class
-        inv_freq, factor = _plain(base, head_dim), 1.0
+    if kind == "default":  # transformers computes plain RoPE inside each model class (NTK: a new base)
+        inv_freq, factor = _plain(params["rope_theta"], head_dim), 1.0
     else:
         inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](cfg, None, seq_len=length)
     return torch.outer(torch.arange(length).float(), inv_freq), factor
@@ -85,3 +85,14 @@ def test_perplexity_and_logits_equal_transformers(megatron_world, converted, met
     meg.use("none", length)
     hf.use("none", length)
     assert (meg.logits(ids) - hf.logits(ids)).abs().max().item() < 1e-4
+
+
+def test_ntk_does_not_depend_on_what_was_evaluated_before(converted):
+    """transformers' own dynamic NTK grows its base with the longest input seen so far; ours is
+    fixed at the target length, as the Megatron side is."""
+    hf = HFBackend(converted / "hf", "float32")
+    hf.use("ntk", 4 * TRAIN)
+    ids = torch.randint(3, 300, (1, 4 * TRAIN), generator=torch.Generator().manual_seed(1))
+    short = hf.logits(ids[:, : 2 * TRAIN])
+    hf.logits(ids)
+    assert torch.equal(hf.logits(ids[:, : 2 * TRAIN]), short)
