@@ -123,7 +123,7 @@ class TrainConfig:
     deepspeed_config: Optional[str] = None  # a DeepSpeed JSON taken as is; "auto" fields filled from here
     init_from: Optional[str] = None  # a Megatron checkpoint (drope convert) to start from
     save_dir: Optional[str] = None  # run directory: checkpoints, metrics.jsonl, the final Megatron checkpoint
-    export_hf: Optional[str] = None  # also export the final model as a Hugging Face folder here
+    export_hf: Optional[str] = None  # also export the final model as a Hugging Face folder here (a new one)
     save_interval: int = 0  # steps between checkpoints; 0: only at the end
     keep_last: int = 2  # checkpoints kept (the final one always is)
     tensorboard: bool = False

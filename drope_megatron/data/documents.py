@@ -25,12 +25,14 @@ def file_format(paths: list[str]) -> str:
 
 
 def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
-              start: int = 0) -> Iterator[list[int] | np.ndarray]:
+              start: int = 0, vocab_size: int | None = None) -> Iterator[list[int] | np.ndarray]:
     """Token ids of the documents of one epoch from its `start`-th on (those before are skipped
     unread, which is how a resumed run gets back to its place); text documents start with the
-    tokenizer's BOS if it adds one and end with the EOS."""
+    tokenizer's BOS if it adds one and end with the EOS. Already tokenised (Megatron) documents are
+    checked against `vocab_size`, when given: ids from another tokenizer would train silently on
+    the wrong embeddings (megatron's vocab-parallel layers mask ids beyond their range)."""
     if d.format == "megatron":
-        yield from _indexed(d, epoch, seed, start)
+        yield from _indexed(d, epoch, seed, start, vocab_size)
         return
     # Empty rows go before the order is fixed, so that `start` counts the documents packing saw.
     dataset = _hf_dataset(d).filter(_has_text, input_columns=[d.text_key], batched=True)
@@ -63,7 +65,7 @@ def _hf_dataset(d: DataConfig):
     return dataset
 
 
-def _indexed(d: DataConfig, epoch: int, seed: int, start: int) -> Iterator[np.ndarray]:
+def _indexed(d: DataConfig, epoch: int, seed: int, start: int, vocab_size: int | None) -> Iterator[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     sets = []
@@ -76,4 +78,9 @@ def _indexed(d: DataConfig, epoch: int, seed: int, start: int) -> Iterator[np.nd
     for k in order[start:]:
         i = int(np.searchsorted(offsets, k, side="right")) - 1
         # A copy: the dataset's memory map closes with this generator, and views into it would not survive.
-        yield np.array(sets[i][int(k - offsets[i])])
+        doc = np.array(sets[i][int(k - offsets[i])])
+        if vocab_size is not None and doc.size and int(doc.max()) >= vocab_size:
+            raise ConfigError(f"Megatron dataset {d.paths[i]} holds token id {int(doc.max())} but the model's "
+                              f"vocabulary is {vocab_size}: it was tokenised with another tokenizer; prepare "
+                              "it again with the model's own")
+        yield doc

@@ -55,8 +55,10 @@ class ShuffledBlocks:
     consecutive batches, so the loss swings between sources and a short run sees them in bursts;
     Megatron's GPTDataset shuffles samples for the same reason."""
 
-    def __init__(self, blocks: PackedBlocks, window: int, seed: int, state: dict | None = None):
+    def __init__(self, blocks: PackedBlocks, window: int, seed: int, state: dict | None = None,
+                 made_from: dict[str, Any] | None = None):
         self.blocks, self.window = blocks, max(window, 1)
+        self.made_from = made_from or {}
         self.rng = np.random.default_rng(seed)
         self.buffer: list[np.ndarray] = []
         if state is not None:
@@ -64,13 +66,14 @@ class ShuffledBlocks:
             if saved != self.window:  # the saved window's blocks would be lost, or their order change
                 raise ConfigError(f"the checkpoint's data stream has data.shuffle_window={saved}, this run "
                                   f"{self.window}: resume with data.shuffle_window={saved}")
+            _same_making(state.get("made_from", {}), self.made_from)
             self.rng.bit_generator.state = state["rng"]
             self.buffer = [row.astype(np.int64) for row in state["window"]]
 
     def state(self) -> dict[str, Any]:
         window = np.stack(self.buffer).astype(np.int32) if self.buffer else np.empty((0, 0), np.int32)
         return {"packed": self.blocks.state(), "rng": self.rng.bit_generator.state, "window": window,
-                "size": self.window}
+                "size": self.window, "made_from": self.made_from}
 
     def __iter__(self) -> Iterator[np.ndarray]:
         source = iter(self.blocks)
@@ -85,11 +88,22 @@ class ShuffledBlocks:
             yield out
 
 
+def _same_making(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """A saved stream continues only under the settings that made it: another block length would
+    mix blocks of two sizes, another seed or format another order of other documents."""
+    for key, value in now.items():
+        if key in saved and saved[key] != value:
+            raise ConfigError(f"the checkpoint's data stream was made with {key}={saved[key]}, this run has "
+                              f"{value}: resume with {key}={saved[key]} or start a new run directory")
+
+
 def block_stream(epochs: Callable[[int, int], Iterable], block_len: int, window: int, seed: int,
-                 state: dict | None = None) -> ShuffledBlocks:
-    """The global block stream (`window` 0 or 1: documents' own order), from a saved `state`."""
+                 state: dict | None = None, made_from: dict[str, Any] | None = None) -> ShuffledBlocks:
+    """The global block stream (`window` 0 or 1: documents' own order), from a saved `state`.
+    `made_from` names the settings (recipe keys and values) the stream depends on: a state saved
+    under others is refused."""
     packed = PackedBlocks(epochs, block_len, state["packed"] if state else None)
-    return ShuffledBlocks(packed, window, seed, state)
+    return ShuffledBlocks(packed, window, seed, state, made_from)
 
 
 class BatchStream:

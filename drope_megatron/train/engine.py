@@ -62,6 +62,7 @@ def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
         theirs = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"train.deepspeed_config {path} is not valid JSON (line {exc.lineno})") from None
+    _well_formed(path, theirs)
     merged = _fill_auto(theirs, ours)
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
         if merged[key] != ours[key]:
@@ -69,6 +70,19 @@ def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
                               "\"auto\" or change train.global_batch_size / train.micro_batch_size")
     _agree(path, merged, t)
     return _accumulation_dtype(merged, str(path))
+
+
+def _well_formed(path: Path, theirs: Any) -> None:
+    """The blocks this project reads are objects; fp16 is refused: the model is built in bf16 or
+    fp32, and the steps fp16's loss scaling skips on overflow would still count as steps."""
+    if not isinstance(theirs, dict):
+        raise ConfigError(f"train.deepspeed_config {path} must be a JSON object of DeepSpeed settings")
+    for block in ("bf16", "fp16", "zero_optimization", "data_types"):
+        if block in theirs and not isinstance(theirs[block], dict):
+            raise ConfigError(f"{path}: {block} must be an object, e.g. \"{block}\": {{...}}, not {theirs[block]!r}")
+    if (theirs.get("fp16") or {}).get("enabled", False) is not False:
+        raise ConfigError(f"{path}: fp16 is not supported (bf16 or fp32 only): remove the fp16 block and set "
+                          "train.precision=bf16 for mixed precision")
 
 
 def _accumulation_dtype(config: dict[str, Any], source: str) -> dict[str, Any]:

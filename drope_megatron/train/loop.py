@@ -26,7 +26,7 @@ from drope_megatron.data.packing import BatchStream, block_stream
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
 from drope_megatron.train import checkpointing, engine as ds_engine
-from drope_megatron.train.metrics import MetricsLog
+from drope_megatron.train.metrics import MetricsLog, require_tensorboard
 from drope_megatron.train.zero3 import load_partitioned, sharded_for_save
 
 
@@ -84,6 +84,10 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
                                 "train.save_interval": t.save_interval}.items() if v]
     if needs_dir and not t.save_dir:
         raise ConfigError(f"train.save_dir is not set, and {', '.join(needs_dir)} write there: set it")
+    if t.export_hf and Path(t.export_hf).exists():  # found now, not after the run, and never replaced
+        raise ConfigError(f"train.export_hf {t.export_hf} already exists: name a new folder or remove it")
+    if t.tensorboard:  # every rank, before any collective: none may wait for a rank that stopped
+        require_tensorboard()
     with distributed.session(p, t.seed) as env:
         dp = parallel_state.get_data_parallel_world_size()
         ds_config = ds_engine.deepspeed_config(t, dp)
@@ -103,9 +107,11 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
             print("drope: note: train.save_dir is not set: this run keeps no checkpoint, metrics or final model",
                   file=sys.stderr)
         saved = client.get("data") if client else None  # checkpoints before data states: replayed
-        blocks = block_stream(lambda epoch, start: documents(recipe.data, tok, epoch, t.seed, start),
+        made_from = {"model.seq_length": m.seq_length, "train.seed": t.seed, "data.format": recipe.data.format,
+                     "data.shuffle": recipe.data.shuffle}
+        blocks = block_stream(lambda epoch, start: documents(recipe.data, tok, epoch, t.seed, start, m.vocab_size),
                               m.seq_length + 1, recipe.data.shuffle_window if recipe.data.shuffle else 0, t.seed,
-                              saved)
+                              saved, made_from)
         stream = BatchStream(blocks, t.micro_batch_size, parallel_state.get_data_parallel_rank(), dp, position,
                              replay=client is not None and saved is None)
         log = MetricsLog(run_dir, t.tensorboard, enabled=env.rank == 0, start=step)
@@ -129,8 +135,7 @@ def _save_final(engine, m: ModelConfig, p, dst: Path, extra: dict, tokenizer: Pa
 
 def _export_hf(final: Path, dst: Path) -> None:
     # A fresh process: the export builds a single-process world of its own, not part of this job.
-    cmd = [sys.executable, "-m", "drope_megatron.cli", "convert", "megatron-to-hf", str(final), str(dst),
-           "--overwrite", "--quiet"]
+    cmd = [sys.executable, "-m", "drope_megatron.cli", "convert", "megatron-to-hf", str(final), str(dst), "--quiet"]
     job_vars = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     launchers = ("OMPI_", "PMI_", "PMIX_", "MPI_", "SLURM_", "TORCHELASTIC_")  # what discover() could read
     env = {k: v for k, v in os.environ.items() if k not in job_vars and not k.startswith(launchers)}

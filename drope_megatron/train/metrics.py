@@ -28,12 +28,7 @@ class MetricsLog:
             atomic.write_text(path, "".join(kept))
         self.file = open(path, "a")
         if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") \
-                    from None
-            self.board = SummaryWriter(str(run_dir / "tensorboard"))
+            self.board = require_tensorboard()(str(run_dir / "tensorboard"))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if self.file is not None:
@@ -56,3 +51,12 @@ def _step(line: str) -> float:
         return json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return float("inf")  # a line cut by a crash
+
+
+def require_tensorboard():
+    """torch's tensorboard `SummaryWriter`, or a one-line error when the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("train.tensorboard=true needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter

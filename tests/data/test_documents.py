@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from drope_megatron.config import DataConfig
+from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.documents import documents
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import Tokenizer
@@ -46,3 +46,11 @@ def test_several_indexed_sets_are_one_shuffled_collection(sources, tmp_path):
     whole = [doc.tolist() for doc in documents(d, None, 0, seed=1)]
     assert len(whole) == 17 and all(doc in whole for doc in extra) and whole[12:] != extra
     assert [doc.tolist() for doc in documents(d, None, 0, seed=1, start=9)] == whole[9:]
+
+
+def test_indexed_ids_beyond_the_models_vocabulary_are_refused(sources):
+    d = sources["megatron"]  # characters: ids up to ord("x") = 120
+    assert len(list(documents(d, None, 0, seed=1, vocab_size=121))) == 12
+    with pytest.raises(ConfigError, match=r"holds token id 120 but the model's vocabulary is 100: it was "
+                                          "tokenised with another tokenizer"):
+        list(documents(d, None, 0, seed=1, vocab_size=100))

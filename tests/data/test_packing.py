@@ -93,3 +93,17 @@ def test_a_changed_shuffle_window_is_refused_on_resume():
     for window in (0, 8):  # the saved window's 16 blocks would be dropped, or served in another order
         with pytest.raises(ConfigError, match="resume with data.shuffle_window=16"):
             block_stream(_book_and_notes, 5, window, seed=3, state=stream.state())
+
+
+def test_a_stream_resumes_only_under_the_settings_that_made_it():
+    made = {"model.seq_length": 4, "train.seed": 3}
+    stream = block_stream(_book_and_notes, 5, 16, seed=3, made_from=made)
+    _first(stream, 40)
+    state = stream.state()
+    for key, value in (("model.seq_length", 8), ("train.seed", 4)):
+        with pytest.raises(ConfigError, match=f"made with {key}={made[key]}, this run has {value}: resume with "
+                                              f"{key}={made[key]}"):
+            block_stream(_book_and_notes, 5, 16, seed=3, state=state, made_from={**made, key: value})
+    block_stream(_book_and_notes, 5, 16, seed=3, state=state, made_from=made)  # the same: resumes
+    older = {k: v for k, v in state.items() if k != "made_from"}  # a checkpoint from before the check
+    block_stream(_book_and_notes, 5, 16, seed=3, state=older, made_from={**made, "train.seed": 4})

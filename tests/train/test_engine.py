@@ -33,10 +33,22 @@ def test_the_json_decides_what_the_recipe_leaves_at_its_default(tmp_path):
     ({"bf16": {"enabled": False}}, {"precision": "bf16"}, "bf16.enabled=False disagrees with train.precision"),
     ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, {}, "remove its optimizer block"),
     ({"zero_optimization": {"stage": 0}}, {"offload_optimizer": True}, "offload_optimizer needs ZeRO stage >= 1"),
+    ({"fp16": {"enabled": True}}, {}, "fp16 is not supported (bf16 or fp32 only)"),
+    ({"fp16": {"enabled": "auto"}}, {}, "fp16 is not supported"),
+    ({"bf16": True}, {}, "bf16 must be an object"),
 ])
 def test_a_json_that_contradicts_the_recipe_is_refused(tmp_path, fields, recipe, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         deepspeed_config(TrainConfig(deepspeed_config=_json(tmp_path, **fields), **recipe), dp=1)
+
+
+def test_a_json_that_is_not_an_object_is_refused(tmp_path):
+    path = tmp_path / "list.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="must be a JSON object of DeepSpeed settings"):
+        deepspeed_config(TrainConfig(deepspeed_config=str(path)), dp=1)
+    merged = deepspeed_config(TrainConfig(deepspeed_config=_json(tmp_path, fp16={"enabled": False})), dp=1)
+    assert merged["fp16"] == {"enabled": False}  # fp16 off is fine
 
 
 def test_no_weight_decay_on_norms_and_biases(megatron_world):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from drope_megatron import checkpoint
-from tests.helpers import ROOT, drope, run as run_cmd
+from tests.helpers import ROOT, drope, run as run_cmd, torchrun
 from tests.train import corpus as corpus_lib
 from tests.train.test_loop import losses, run
 
@@ -48,11 +48,12 @@ def bad_cases(corpus, tiny):
         "ds-json": (["train.deepspeed_config=/nonexistent.json"], "train.deepspeed_config /nonexistent.json does not"),
         "no-save-dir": (["train.save_dir=null", "train.export_hf=/nonexistent/hf", "train.tensorboard=true"],
                         "train.save_dir is not set, and train.export_hf, train.tensorboard write there"),
+        "export-exists": ([f"train.export_hf={tiny}"], f"train.export_hf {tiny} already exists: name a new folder"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing-file", "empty-dataset", "shorter-than-a-block", "vocab-mismatch",
-                                  "no-tokenizer", "pipeline", "batch", "ds-json", "no-save-dir"])
+                                  "no-tokenizer", "pipeline", "batch", "ds-json", "no-save-dir", "export-exists"])
 def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     extra, message = bad_cases(corpus, tiny_files)[case]
     run_dir = tmp_path / "run"
@@ -61,6 +62,20 @@ def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     assert message in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("drope: error:"), \
         proc.stderr[-2000:]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists()
+    assert (tiny_files / "short.txt").is_file()  # an existing export folder is left as it was
+
+
+def test_a_missing_tensorboard_stops_every_rank_at_once(corpus, tmp_path):
+    """Every rank checks before any collective: no rank waits (until the job's timeout) for one that
+    stopped. The package is hidden behind one that fails to import, whether or not it is installed."""
+    shim = tmp_path / "shim" / "tensorboard"
+    shim.mkdir(parents=True)
+    (shim / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    args = pretrain_args(corpus, tmp_path / "run", "train.tensorboard=true")
+    proc = torchrun(2, ["-m", "drope_megatron.cli", *args], timeout=120,
+                    PYTHONPATH=f"{shim.parent}{os.pathsep}{ROOT}")
+    assert proc.returncode != 0
+    assert proc.stderr.count("train.tensorboard=true needs the tensorboard package") == 2, proc.stderr[-2000:]
 
 
 def test_more_tp_than_ranks_is_refused(corpus, tmp_path):
