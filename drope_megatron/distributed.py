@@ -97,6 +97,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def compute_device() -> torch.device:
+    """Where this process computes: its GPU (chosen by `initialize`), else the CPU. Models are built
+    on the host (use_cpu_initialization), so a caller moves its model here."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def backend_for(p: ParallelConfig) -> str:
     if p.backend != "auto":
         return p.backend

@@ -35,15 +35,16 @@ def verify(hf_dir: Path, meg_dir: Path, tp: int = 1, pp: int = 1, batch: int = 2
     with distributed.session(parallel, seed) as env:
         if env.world_size != tp * pp:
             raise ConfigError(f"verify at TP={tp} PP={pp} needs {tp * pp} processes, got {env.world_size}")
+        device = distributed.compute_device()  # the model loads on the host; NCCL and rotary want the GPU
         model, _ = checkpoint.load_model(meg_dir, parallel, gather_logits=True, dtype=dtype)
         tokens = torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-        ours = forward_logits(model.eval(), tokens)
+        ours = forward_logits(model.eval().to(device), tokens.to(device))
         if ours is None or parallel_state.get_tensor_model_parallel_rank() != 0:
             return None
-        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtypes.to_torch(dtype), trust_remote_code=False).eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=dtypes.to_torch(dtype), trust_remote_code=False)
         with torch.no_grad():
-            theirs = hf(tokens).logits.float()
-        ours = ours[..., :vocab].float()
+            theirs = hf.eval().to(device)(tokens.to(device)).logits.float().cpu()
+        ours = ours[..., :vocab].float().cpu()
         diff = (ours - theirs).abs()
         result = {"max_abs_diff": diff.max().item(), "mean_abs_diff": diff.mean().item(),
                   "top1_agreement": (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item(),

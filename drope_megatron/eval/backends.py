@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from drope_megatron import checkpoint
+from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ParallelConfig
 from drope_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from drope_megatron.eval import scaling
@@ -49,9 +49,7 @@ class MegatronBackend:
         self.model, self.config = checkpoint.load_model(
             path, ParallelConfig(tensor_model_parallel_size=tp), dtype=dtype, attention_backend="sdpa",
             gather_logits=True)
-        self.model.eval()
-        if torch.cuda.is_available():  # loading builds on the host (use_cpu_initialization)
-            self.model.cuda()
+        self.model.eval().to(distributed.compute_device())
         m = self.config
         self.train_length, self.phase, self.vocab_size = m.seq_length, m.phase, m.vocab_size
         self.scaled = None if m.rope_scaling.type == "none" else m.rope_scaling.type
@@ -92,9 +90,7 @@ class HFBackend:
         torch_dtype = dtypes.to_torch(dtype) if dtype else "auto"
         self.model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype,
                                                           attn_implementation="sdpa", trust_remote_code=False)
-        self.model.eval()
-        if torch.cuda.is_available():
-            self.model.cuda()
+        self.model.eval().to(distributed.compute_device())
         self.device = next(self.model.parameters()).device
         self.rope = dict(getattr(config, "rope_parameters", None) or {})  # as loaded; "none" restores it
         self.max_positions = config.max_position_embeddings

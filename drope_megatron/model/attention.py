@@ -70,6 +70,12 @@ class SDPAttention(MegatronModule):
         if self.temperature == "log_length":
             q = q * self.length_factors(sq, sk, q.device, q.dtype).view(1, 1, sq, 1)
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
+        groups = np_ // k.shape[1]
+        # SDPA's own GQA runs in the flash kernels only (half precision, no mask); elsewhere it would
+        # fall back to the kernel that builds every score, so the key/value heads are repeated instead.
+        native_gqa = q.dtype in (torch.float16, torch.bfloat16) and mask is None
+        if groups > 1 and not native_gqa:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=k.shape[1] != np_,

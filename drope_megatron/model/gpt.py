@@ -79,6 +79,11 @@ class DropeGPTModel(GPTModel):
                     rotary.inv_freq, factor=scaling.factor, low_freq_factor=scaling.low_freq_factor,
                     high_freq_factor=scaling.high_freq_factor,
                     original_max_position_embeddings=scaling.original_max_position_embeddings)
+        old = getattr(self, "rotary_pos_emb", None)
+        if hasattr(getattr(type(old), "forward", None), "cache_clear"):
+            # megatron caches its tables in a class-level lru_cache keyed on the instance: without
+            # this the replaced instance's tables (64 MiB each at 128k positions) would stay alive.
+            type(old).forward.cache_clear()
         self.rotary_pos_emb = rotary
         self.rope_type = "yarn" if scaling.type == "yarn" else "rope"
         if getattr(self, "phase", None) is not None:

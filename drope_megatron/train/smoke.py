@@ -34,7 +34,7 @@ def run_smoke(recipe: Recipe, phases: list[str], steps: int, show_progress: bool
         if env.world_size != p.tensor_model_parallel_size:
             raise ConfigError(f"smoke needs world size == TP ({p.tensor_model_parallel_size}), got "
                               f"{env.world_size}: launch exactly TP processes")
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # the model is built on the host
+        device = distributed.compute_device()
         model = build_model(recipe.model, p).to(device)
         opt = adamw(model, recipe.train)
         batch = fixed_batch(recipe).to(device)
