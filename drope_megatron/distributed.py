@@ -13,7 +13,9 @@ import datetime
 import os
 import re
 import socket
+import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 
@@ -51,18 +53,30 @@ def discover() -> DistEnv:
     if "OMPI_COMM_WORLD_SIZE" in env:
         return _from_mpi(env)
     # SLURM_STEP_NUM_TASKS is set by srun only; a batch script alone (one process) is not a job of N.
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+    # MPICH / Intel MPI's mpiexec starts its per-node proxies with srun, so its ranks carry the
+    # proxy's SLURM_PROCID (the node's index): a PMI world that disagrees with Slurm's is MPI's.
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env and _pmi_agrees_with_slurm(env):
         return _from_slurm(env)
     if any(k in env for k in ("PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
         return _from_mpi(env)
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
 
 
+def _pmi_agrees_with_slurm(env) -> bool:
+    return (env.get("PMI_SIZE", env["SLURM_STEP_NUM_TASKS"]) == env["SLURM_STEP_NUM_TASKS"]
+            and env.get("PMI_RANK", env["SLURM_PROCID"]) == env["SLURM_PROCID"])
+
+
+def slurm_port(env) -> int:
+    """A port every task of one job step computes alike without talking: from the job and step ids
+    (two steps of a job may run at once on one node), below Linux's ephemeral range (32768+)."""
+    return 20000 + (int(env.get("SLURM_JOB_ID", "0")) * 101 + int(env.get("SLURM_STEP_ID", "0"))) % 12000
+
+
 def _from_slurm(env) -> DistEnv:
-    # srun starts every task itself: the first host of the allocation is the master; the port is
-    # derived from the job id so every task computes the same one without talking.
+    # srun starts every task itself: the first host of the allocation is the master.
     first = first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-    port = int(env.get("MASTER_PORT", 0)) or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+    port = int(env.get("MASTER_PORT", 0)) or slurm_port(env)
     return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
                    env.get("MASTER_ADDR", first), port, "slurm")
 
@@ -83,7 +97,12 @@ def _from_mpi(env) -> DistEnv:
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    local = int(env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK", 0))))
+    started = env.get("OMPI_COMM_WORLD_SIZE") or env.get("PMI_SIZE")
+    if started is not None and int(started) != size:  # each process would be rank 0 of its own job
+        raise ConfigError(f"mpi4py sees a world of {size} but the launcher started {started}: mpi4py is built "
+                          "against another MPI than this mpirun; reinstall it with this MPI's mpicc")
+    local = env.get("OMPI_COMM_WORLD_LOCAL_RANK", env.get("MPI_LOCALRANKID", env.get("PMI_LOCAL_RANK")))
+    local = int(local) if local is not None else comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     # Rank 0 picks the address and a free port and tells everyone (mpirun sets neither).
     addr = env.get("MASTER_ADDR") or (socket.gethostname() if size > 1 else "127.0.0.1")
     port = int(env.get("MASTER_PORT", 0)) or (free_port() if rank == 0 else 0)
@@ -122,7 +141,11 @@ def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
     os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
                       MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
     if torch.cuda.is_available():  # modulo: with --gpus-per-task=1 each task sees one device
-        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        if count > 1 and env.local_rank >= count:  # two ranks would share a GPU, and NCCL fail much later
+            raise ConfigError(f"local rank {env.local_rank} on a node with {count} GPUs: launch at most {count} "
+                              "processes per node")
+        torch.cuda.set_device(env.local_rank % count)
     timeout = datetime.timedelta(minutes=p.timeout_minutes)
     # Sub-groups made later by dist.new_group (ZeRO's, megatron's) take this default rather
     # than the timeout given to init_process_group; set it so none of them can wait forever.
@@ -217,6 +240,24 @@ def session(p: ParallelConfig | None = None, seed: int = 1234, single: bool = Fa
         if single and env.world_size != 1:
             raise ConfigError("this tool runs in a single process: start it without torchrun/srun/mpirun")
         yield env
+    except BaseException as exc:
+        if owned and env.launcher == "mpi" and env.world_size > 1:
+            _abort_mpi_job(exc)
+        raise
     finally:
         if owned:
             shutdown()
+
+
+def _abort_mpi_job(exc: BaseException) -> None:
+    """A rank that fails under mpirun ends the whole job. Otherwise MPI's finalize at its exit waits
+    for the other ranks, which wait in a collective for this one until the job's timeout (torchrun
+    and srun end a job whose process fails by themselves)."""
+    from mpi4py import MPI
+
+    if isinstance(exc, ConfigError):
+        print(f"drope: error: {exc}", file=sys.stderr, flush=True)
+    else:
+        traceback.print_exception(exc)
+        sys.stderr.flush()
+    MPI.COMM_WORLD.Abort(2 if isinstance(exc, ConfigError) else 1)

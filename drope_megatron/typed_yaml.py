@@ -26,6 +26,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"recipe {path} does not exist: pass the path of a YAML recipe")
     try:
         raw = yaml.safe_load(path.read_text())
+    except (UnicodeDecodeError, OSError) as exc:
+        raise ConfigError(f"recipe {path} cannot be read as text ({type(exc).__name__}): pass a YAML recipe") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""

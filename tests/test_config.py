@@ -102,8 +102,11 @@ def test_bad_recipe_files(tmp_path):
     broken.write_text("model:\n  num_layers: [1,\n")
     listy = tmp_path / "list.yaml"
     listy.write_text("- 1\n- 2\n")
+    binary = tmp_path / "weights.yaml"
+    binary.write_bytes(b"\x80\x81\xfe\x00PK")
     cases = [(tmp_path / "missing.yaml", "does not exist"), (broken, "is not valid YAML"),
-             (listy, "must be a mapping of sections")]
+             (listy, "must be a mapping of sections"), (binary, "cannot be read as text (UnicodeDecodeError)"),
+             (tmp_path, "does not exist")]
     for path, message in cases:
         proc = drope("config", str(path), timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr

@@ -35,7 +35,10 @@ def test_discover_slurm(monkeypatch):
         monkeypatch.setenv(key, value)
     found = distributed.discover()
     assert (found.rank, found.world_size, found.local_rank, found.launcher) == (5, 16, 1, "slurm")
-    assert found.master_addr == "gpu007" and found.master_port == 20000 + 424242 % 20000
+    assert found.master_addr == "gpu007" and found.master_port == distributed.slurm_port(env)
+    ports = {distributed.slurm_port({"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)})
+             for job in range(1000, 1100) for step in range(3)}
+    assert len(ports) == 300 and all(20000 <= port < 32768 for port in ports)  # steps differ; no ephemeral port
 
 
 def test_batch_script_without_srun_is_one_process(monkeypatch):
@@ -66,6 +69,41 @@ def test_torchrun_job_with_tp2(tmp_path):
     assert [r["rank"] for r in found] == [0, 1] and all(r["launcher"] == "torchrun" for r in found)
     assert all(r["sum"] == 3.0 and r["tp_sum"] == 2.0 for r in found)
     assert [r["tp_rank"] for r in found] == [0, 1]
+
+
+@pytest.mark.parametrize("pmi, message", [
+    # MPICH/Intel MPI's mpiexec inside an allocation: the proxy's SLURM_PROCID (a node index) is not the rank.
+    (dict(SLURM_PROCID="1", SLURM_STEP_NUM_TASKS="2", PMI_RANK="13", PMI_SIZE="16"),
+     "mpi4py sees a world of 1 but the launcher started 16"),
+    (dict(OMPI_COMM_WORLD_SIZE="4", OMPI_COMM_WORLD_RANK="2"), "mpi4py sees a world of 1 but the launcher started 4"),
+])
+def test_an_mpi_world_is_taken_from_mpi_and_checked(pmi, message):
+    """Run outside mpirun, mpi4py sees a world of one: the launcher's size is checked against it
+    (an mpi4py built for another MPI makes every process rank 0 of its own job)."""
+    proc = run([sys.executable, "-c", "from drope_megatron import distributed; distributed.discover()"], timeout=60,
+               **pmi)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_srun_with_pmi_is_slurms(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(SLURM_PROCID="3", SLURM_STEP_NUM_TASKS="8", PMI_RANK="3", PMI_SIZE="8").items():
+        monkeypatch.setenv(key, value)
+    found = distributed.discover()  # srun --mpi=pmi2: both agree, no MPI needed
+    assert (found.rank, found.world_size, found.launcher) == (3, 8, "slurm")
+
+
+def test_a_failing_rank_ends_an_mpirun_job(tmp_path):
+    """The failed rank reports in one line and aborts the MPI job. (On gloo the waiting rank would
+    also see the closed connection; NCCL's collective would wait out the 2-minute timeout while
+    MPI's finalize on the failed rank waited for it.)"""
+    start = time.monotonic()
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, PROBE, "fail", "1", "2",
+           str(tmp_path)]
+    proc = run(cmd, timeout=100)
+    assert proc.returncode != 0 and "drope: error: probe: rank 1 fails" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - start < 60
 
 
 def test_mpirun_job(tmp_path):

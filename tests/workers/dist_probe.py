@@ -2,6 +2,7 @@
 
 `stall` mode: rank 1 freezes before the collective, so rank 0 must give up within the
 recipe's timeout, on a group made by plain `dist.new_group` (as ZeRO makes its groups).
+`fail` mode: rank 1 raises inside `distributed.session` while rank 0 waits in a collective.
 """
 
 import json
@@ -14,10 +15,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from drope_megatron import distributed
-from drope_megatron.config import ParallelConfig
+from drope_megatron.config import ConfigError, ParallelConfig
 
 
 def main(mode: str, tp: int, timeout_minutes: float, out: Path) -> None:
+    if mode == "fail":  # rank 1 fails inside a session while rank 0 waits in a collective
+        with distributed.session(ParallelConfig(tensor_model_parallel_size=tp, timeout_minutes=timeout_minutes)) as env:
+            if env.rank == 1:
+                raise ConfigError("probe: rank 1 fails")
+            dist.all_reduce(torch.ones(1))
+        return
     env = distributed.initialize(ParallelConfig(tensor_model_parallel_size=tp, timeout_minutes=timeout_minutes))
     group = dist.new_group(list(range(env.world_size)))
     if mode == "stall" and env.rank == 1:
