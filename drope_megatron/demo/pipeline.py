@@ -31,7 +31,8 @@ from drope_megatron.demo import mixture
 
 STAGES = ("corpus", "data", "rope", "drope", "eval", "export", "report")
 SHIPPED = Path(__file__).parent / "pretrained"
-ROOT = Path(__file__).resolve().parents[2]
+# Inside the package, so that an installed (not editable) copy finds them; recipes/ links to them.
+RECIPES = Path(__file__).parent / "recipes"
 RETRIEVAL_SHARE = 0.3  # of training tokens; the rest is prose
 # Tiny sizes for tests: every stage runs, for a few steps and a handful of samples.
 SMOKE_RECAL = ["train.steps=3", "train.warmup_steps=1", "train.global_batch_size=4", "train.micro_batch_size=4"]
@@ -44,8 +45,8 @@ SMOKE_EVAL = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--documents", "1"
 @dataclass
 class Demo:
     work: Path
-    recipe: Path = ROOT / "recipes" / "demo-cpu.yaml"
-    pretrain_recipe: Path = ROOT / "recipes" / "demo-pretrain.yaml"
+    recipe: Path = RECIPES / "demo-cpu.yaml"
+    pretrain_recipe: Path = RECIPES / "demo-pretrain.yaml"
     pretrain: bool = False  # train the RoPE model here instead of converting the shipped one
     smoke: bool = False
     until: str = "report"
