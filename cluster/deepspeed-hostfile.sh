@@ -6,7 +6,8 @@
 # Without HOSTFILE: one node, NUM_GPUS processes (default: every GPU).
 set -euo pipefail
 ARGS=()
-if [ -n "${HOSTFILE:-}" ]; then ARGS+=(--hostfile "$HOSTFILE"); fi
+# No HOSTFILE: none at all (DeepSpeed would otherwise take /job/hostfile when a machine has one).
+if [ -n "${HOSTFILE:-}" ]; then ARGS+=(--hostfile "$HOSTFILE"); else ARGS+=(--hostfile /dev/null); fi
 if [ -n "${NUM_GPUS:-}" ]; then ARGS+=(--num_gpus "$NUM_GPUS"); fi
 exec deepspeed ${ARGS[@]+"${ARGS[@]}"} --master_port "${MASTER_PORT:-29500}" --no_local_rank \
   --module drope_megatron.cli "$@"
