@@ -5,12 +5,13 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from drope_megatron import checkpoint
-from tests.helpers import ROOT, drope, run as run_cmd, torchrun
+from tests.helpers import ROOT, drope, run as run_cmd
 from tests.train import corpus as corpus_lib
 from tests.train.test_loop import losses, run
 
@@ -65,17 +66,21 @@ def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     assert (tiny_files / "short.txt").is_file()  # an existing export folder is left as it was
 
 
-def test_a_missing_tensorboard_stops_every_rank_at_once(corpus, tmp_path):
-    """Every rank checks before any collective: no rank waits (until the job's timeout) for one that
-    stopped. The package is hidden behind one that fails to import, whether or not it is installed."""
+def test_a_missing_tensorboard_is_found_by_every_rank_before_any_collective(corpus, tmp_path):
+    """Rank 1 of a 2-task srun step, alone here (no rank 0 to meet), fails at once on its own: a
+    launcher that does not end a job when one task fails (srun without --kill-on-bad-exit) would
+    otherwise leave it waiting for a rank 0 that stopped. The package is hidden behind one that
+    fails to import, whether or not it is installed."""
     shim = tmp_path / "shim" / "tensorboard"
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
-    args = pretrain_args(corpus, tmp_path / "run", "train.tensorboard=true")
-    proc = torchrun(2, ["-m", "drope_megatron.cli", *args], timeout=120,
-                    PYTHONPATH=f"{shim.parent}{os.pathsep}{ROOT}")
-    assert proc.returncode != 0
-    assert proc.stderr.count("train.tensorboard=true needs the tensorboard package") == 2, proc.stderr[-2000:]
+    start = time.monotonic()
+    proc = drope(*pretrain_args(corpus, tmp_path / "run", "train.tensorboard=true", "parallel.timeout_minutes=1"),
+                 timeout=120, PYTHONPATH=f"{shim.parent}{os.pathsep}{ROOT}", SLURM_PROCID="1",
+                 SLURM_STEP_NUM_TASKS="2", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="localhost")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.tensorboard=true needs the tensorboard package" in proc.stderr
+    assert time.monotonic() - start < 40  # the rendezvous would wait a minute for rank 0
 
 
 def test_more_tp_than_ranks_is_refused(corpus, tmp_path):
