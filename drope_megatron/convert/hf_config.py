@@ -56,8 +56,6 @@ def _refuse_unsupported(cfg, family: Family, allow_sliding_window: bool) -> None
         raise ConfigError(f"hidden_act={cfg.hidden_act!r} is not supported: the model is built with SwiGLU (silu)")
     if getattr(cfg, "mlp_bias", False):
         raise ConfigError("mlp_bias=True is not supported: megatron's MLP here has no biases")
-    if getattr(cfg, "attention_bias", False):
-        raise ConfigError("attention_bias=True (an o_proj bias) is not supported by this conversion")
     window = getattr(cfg, "sliding_window", None)
     active = getattr(cfg, "use_sliding_window", window is not None) and window is not None
     if family.sliding_window and active and window < cfg.max_position_embeddings and not allow_sliding_window:
@@ -81,7 +79,8 @@ def model_config_from_hf(cfg, family: Family, allow_sliding_window: bool = False
         num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         ffn_hidden_size=cfg.intermediate_size, kv_channels=head_dim, vocab_size=cfg.vocab_size,
         seq_length=scaling.original_max_position_embeddings or cfg.max_position_embeddings,
-        norm_epsilon=float(cfg.rms_norm_eps), qkv_bias=family.qkv_bias,
+        # attention_bias adds o_proj's bias too: accepted only all zero, as this project exports it.
+        norm_epsilon=float(cfg.rms_norm_eps), qkv_bias=family.qkv_bias or bool(getattr(cfg, "attention_bias", False)),
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
         rotary_base=float(rp.get("rope_theta", 10000.0)), rope_scaling=scaling, phase=phase,
         rope_layers=rope_layers, qk_head_norm=family.qk_head_norm,
@@ -115,8 +114,9 @@ def _refuse_inexpressible(m: ModelConfig) -> None:
 
 
 def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | None,
-                         dtype: torch.dtype):
-    """The transformers config to write: the source family's (`arch="source"`) or SmolLM3 NoPE."""
+                         dtype: torch.dtype, token_ids: dict[str, int | None] | None = None):
+    """The transformers config to write: the source family's (`arch="source"`) or SmolLM3 NoPE.
+    `token_ids` (bos/eos/pad) are a model's without a source, from its own tokenizer."""
     from transformers import CONFIG_MAPPING
 
     _refuse_inexpressible(m)
@@ -140,7 +140,7 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
         tie_word_embeddings=m.tie_embeddings, max_position_embeddings=m.seq_length, **_hf_rope_kwargs(m))
     # Token ids: the source model's; none at all rather than another family's defaults (SmolLM3's
     # 128k ids would not even fit a small vocabulary).
-    hf = source["hf_config"] if source else {}
+    hf = source["hf_config"] if source else (token_ids or {})
     kwargs.update({k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
     if "max_position_embeddings" in hf:
         kwargs["max_position_embeddings"] = hf["max_position_embeddings"]

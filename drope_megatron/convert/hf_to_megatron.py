@@ -24,6 +24,9 @@ from drope_megatron.convert.read_ahead import read_ahead
 from drope_megatron.convert.safetensors_io import SafetensorsReader
 
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
+ZERO_O_BIAS = ".self_attn.o_proj.bias"  # attention_bias=True as this project exports it: all zero
+
+
 def read_source(src: Path, allow_sliding_window: bool):
     from transformers import AutoConfig
 
@@ -43,18 +46,21 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
     atomic.refuse_existing(dst, overwrite)
     cfg, family, m = read_source(src, allow_sliding_window)
     reader = SafetensorsReader(src)
-    torch_dtype = reader.dtype() if dtype == "auto" else dtypes.to_torch(dtype)
+    torch_dtype = _stored_dtype(cfg, reader) if dtype == "auto" else dtypes.to_torch(dtype)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     m.params_dtype = dtypes.name_of(torch_dtype)
     validate(Recipe(model=m, parallel=parallel))  # TP/PP divisibility, before any work
     m.padded_vocab_size = m.padded_vocab(tp)
+    # Tensors with no Megatron counterpart that are taken as what they must be (checked now).
+    accepted = (_zero_o_biases(reader) if getattr(cfg, "attention_bias", False) else set()) | \
+        _tied_duplicate(reader, m.tie_embeddings)
     # megatron-core loads only now: bad input is refused in a blink.
     from drope_megatron import distributed
 
     try:
         with distributed.session(single=True):
             keys = checkpoint.sharded_keys(m, ParallelConfig())
-            parts = _parts(keys, reader, tensors.Shapes.of(m, m.padded_vocab_size), show_progress)
+            parts = _parts(keys, reader, tensors.Shapes.of(m, m.padded_vocab_size), accepted, show_progress)
             extra = {"source": hf_config.source_record(cfg, family), "written_for": {"tp": tp, "pp": pp}}
             with read_ahead(parts) as stream:
                 # The source folder's tokenizer and generation files travel; its weights and config do not.
@@ -65,7 +71,18 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
     return dst
 
 
-def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, show_progress: bool):
+def _stored_dtype(cfg, reader: SafetensorsReader) -> torch.dtype:
+    """The checkpoint's dtype as its config names it (a first tensor kept in fp32, a norm or an old
+    inv_freq buffer, would make the whole model fp32); the first tensor's without one."""
+    named = getattr(cfg, "dtype", None)
+    if isinstance(named, torch.dtype) and named in (torch.float32, torch.bfloat16, torch.float16):
+        return named
+    if isinstance(named, str) and named in dtypes.NAMES:
+        return dtypes.to_torch(named)
+    return reader.dtype()
+
+
+def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, accepted: set[str], show_progress: bool):
     """The sharded state dict one layer at a time (the embedding, final norm and output layer each
     on their own), filled from the Hugging Face tensors."""
     from megatron.core.dist_checkpointing import ShardedObject
@@ -88,6 +105,7 @@ def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, show_p
             bar.set_postfix(MiB=f"{done_bytes / 2**20:.0f}")
         yield part
     bar.close()
+    used.update(accepted)
     unused = [n for n in reader.names() if n not in used and not n.endswith(IGNORED)]
     if unused:
         raise ConfigError(f"{len(unused)} tensor(s) of the checkpoint have no place in the model, e.g. {unused[0]}: "
@@ -103,3 +121,23 @@ def _tensor(name: str, shape: tuple, reader: SafetensorsReader, shapes: tensors.
             raise ConfigError(f"tensor {hf_name} has shape {list(part.shape)} but config.json implies "
                               f"{list(expected)}: the weights do not match the config")
     return tensors.to_megatron(rule.how, [p.to(dtype) for p in parts], shapes).contiguous()
+
+
+def _zero_o_biases(reader: SafetensorsReader) -> set[str]:
+    """o_proj biases (attention_bias=True), which the Megatron model has not: taken only when all zero."""
+    names = {n for n in reader.names() if n.endswith(ZERO_O_BIAS)}
+    for name in sorted(names):
+        if reader.get(name).any():
+            raise ConfigError(f"{name} is not zero: the Megatron model has no o_proj bias (attention_bias=True "
+                              "converts only with zero o_proj biases, as this project exports them)")
+    return names
+
+
+def _tied_duplicate(reader: SafetensorsReader, tied: bool) -> set[str]:
+    """A tied model's lm_head.weight, stored as well by some tools: taken when it is the embedding."""
+    if not tied or "lm_head.weight" not in reader.names():
+        return set()
+    if not torch.equal(reader.get("lm_head.weight"), reader.get("model.embed_tokens.weight")):
+        raise ConfigError("tie_word_embeddings=True but lm_head.weight differs from model.embed_tokens.weight: "
+                          "fix tie_word_embeddings in config.json")
+    return {"lm_head.weight"}

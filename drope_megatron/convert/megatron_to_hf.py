@@ -35,7 +35,8 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     if arch == "auto":
         arch = "source" if m.phase == "rope" else "nope"
     out_dtype = dtypes.to_torch(m.params_dtype if dtype == "auto" else dtype)
-    cfg, family = hf_config.hf_config_for_export(m, arch, meta.get("source"), out_dtype)
+    token_ids = None if meta.get("source") else _token_ids(src)
+    cfg, family = hf_config.hf_config_for_export(m, arch, meta.get("source"), out_dtype, token_ids)
     from drope_megatron import distributed  # megatron-core loads only once the input is known good
 
     staging = atomic.staging_dir(dst)
@@ -60,6 +61,17 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     flags = rope_flags(m.phase, m.num_layers, m.rope_layers)
     detail = f" with no_rope_layers={[int(f) for f in flags]}" if family.per_layer_nope else ""
     return f"wrote {family.architecture}{detail} ({dtypes.name_of(out_dtype)}) to {dst}"
+
+
+def _token_ids(src: Path) -> dict[str, int | None] | None:
+    """bos/eos of the checkpoint's own tokenizer (a model trained here has no source config to take
+    them from; without an EOS id, `generate` would never stop)."""
+    if not (src / "tokenizer").is_dir():
+        return None
+    from drope_megatron.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(src / "tokenizer")
+    return {"bos_token_id": tok.bos[0] if tok.bos else None, "eos_token_id": tok.eos_id, "pad_token_id": None}
 
 
 def _weight_keys(m) -> dict:

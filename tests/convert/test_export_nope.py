@@ -53,13 +53,24 @@ def test_nope_export_loads_with_plain_automodel_and_matches(tmp_path, family, ph
     assert (megatron_logits(tmp_path / "meg", tokens) - ours).abs().max() > 1e-3
 
 
-def test_qwen2_biases_become_attention_bias_with_zero_o_bias(tmp_path):
-    from safetensors.torch import load_file
+def test_qwen2_biases_become_attention_bias_with_zero_o_bias_and_convert_back(tmp_path):
+    from safetensors.torch import load_file, save_file
 
-    export(dropped(tmp_path, "qwen2"), tmp_path / "out", show_progress=False)
+    drope_dir = dropped(tmp_path, "qwen2")
+    export(drope_dir, tmp_path / "out", show_progress=False)
     tensors = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.all(tensors["model.layers.0.self_attn.o_proj.bias"] == 0)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["attention_bias"] is True
+    # A published DroPE Qwen2 comes back in (to train it further) as the same model.
+    convert(tmp_path / "out", tmp_path / "back", show_progress=False)
+    tokens = torch.randint(0, 300, (1, 30), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(megatron_logits(tmp_path / "back", tokens), megatron_logits(drope_dir, tokens),
+                               rtol=0, atol=1e-5)
+    tensors["model.layers.1.self_attn.o_proj.bias"][0] = 0.5  # a real o_proj bias has no place: refused
+    save_file(tensors, str(tmp_path / "out" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="model.layers.1.self_attn.o_proj.bias is not zero"):
+        convert(tmp_path / "out", tmp_path / "again", show_progress=False)
+    assert not (tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("family,arch,message", [
@@ -102,6 +113,25 @@ def test_drope_model_trained_here_exports_without_foreign_token_ids(tmp_path):
     tokens = torch.randint(0, 100, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(megatron_logits(tmp_path / "own", tokens), hf(tokens).logits, rtol=0, atol=1e-4)
+
+
+def test_a_model_trained_here_takes_its_token_ids_from_its_tokenizer(tmp_path):
+    """Without them `generate` would never stop: the export's config has the tokenizer's EOS."""
+    import sentencepiece
+
+    from drope_megatron.config import load_recipe
+    from drope_megatron.demo.pipeline import SHIPPED
+    from drope_megatron.model import build_model
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SHIPPED / "tokenizer.model"))
+    recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                f"model.vocab_size={sp.get_piece_size()}", "model.phase=drope"])
+    with distributed.session(single=True):
+        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "own",
+                        tokenizer=SHIPPED / "tokenizer.model")
+    export(tmp_path / "own", tmp_path / "out", show_progress=False)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == sp.eos_id() and written.get("pad_token_id") is None
 
 
 def test_model_trained_here_exports_as_llama(tmp_path):

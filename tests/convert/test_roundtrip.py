@@ -7,9 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from drope_megatron.config import ConfigError
 from drope_megatron.convert.hf_to_megatron import convert
 from drope_megatron.convert.megatron_to_hf import export
 from drope_megatron import checkpoint
+from drope_megatron.convert.safetensors_io import SafetensorsReader
 from tests.convert.hf_models import FAMILY_EXTRAS, hf_config, megatron_logits, save_hf_model
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
@@ -123,3 +125,32 @@ def test_tokenizer_and_generation_config_travel(tmp_path):
     again = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert again("w5 w7 w42")["input_ids"] == tokenizer("w5 w7 w42")["input_ids"] == [5, 7, 42]
     assert GenerationConfig.from_pretrained(str(tmp_path / "out")).max_new_tokens == 7
+
+
+def test_a_tied_model_that_also_stores_lm_head_converts_or_is_refused(tmp_path):
+    """Some tools save a tied model's lm_head.weight as well: taken when it is the embedding."""
+    from safetensors.torch import save_file
+
+    save_hf_model(tmp_path / "hf", hf_config("llama", tied=True))
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    convert(tmp_path / "hf", tmp_path / "meg", show_progress=False)
+    weights["lm_head.weight"][0, 0] += 1.0
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ConfigError, match="lm_head.weight differs from model.embed_tokens.weight"):
+        convert(tmp_path / "hf", tmp_path / "meg2", show_progress=False)
+
+
+def test_the_dtype_is_the_configs_not_the_first_tensors(tmp_path):
+    """A bf16 checkpoint whose first listed tensor is stored in fp32 stays a bf16 model."""
+    from safetensors.torch import save_file
+
+    save_hf_model(tmp_path / "hf", hf_config("llama"), dtype=torch.bfloat16)
+    weights = load_file(tmp_path / "hf" / "model.safetensors")
+    first = SafetensorsReader(tmp_path / "hf").names()[0]
+    weights[first] = weights[first].float()
+    save_file(weights, str(tmp_path / "hf" / "model.safetensors"), metadata={"format": "pt"})
+    assert SafetensorsReader(tmp_path / "hf").dtype() == torch.float32
+    convert(tmp_path / "hf", tmp_path / "meg", show_progress=False)
+    assert checkpoint.read_meta(tmp_path / "meg")["model"]["params_dtype"] == "bfloat16"
