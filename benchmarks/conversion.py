@@ -90,7 +90,8 @@ def main() -> None:
                "import drope_megatron.convert.hf_to_megatron, drope_megatron.distributed")
     steps = {
         # As `drope convert` imports them: without TorchInductor's compiler (see cli.cmd_convert).
-        "imports only": measured(["env", "TORCHDYNAMO_DISABLE=1", sys.executable, "-c", imports]),
+        "imports only": measured(["env", "TORCHDYNAMO_DISABLE=1", "CUDA_VISIBLE_DEVICES=", sys.executable, "-c",
+                                  imports]),
         "copy (page cache)": measured(["cp", "-r", str(work / "hf"), str(work / "copy")]),
         "copy + sync (disk)": measured(["sh", "-c", f"cp -r {work / 'hf'} {work / 'copy2'} && sync -f {work / 'copy2'}"]),
         "hf -> megatron": measured([*drope, "hf-to-megatron", str(work / "hf"), str(work / "meg"), "--quiet"]),

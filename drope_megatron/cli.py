@@ -91,6 +91,8 @@ def cmd_convert(args) -> int:
         # Conversion runs no model, but megatron-core wraps its fusions in torch.compile at import,
         # which pulls in TorchInductor: 1-3 s of a 1B conversion. Only a fresh process is changed.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+        # Nor does it need a GPU: on a GPU host, CUDA's context and NCCL cost seconds and host memory.
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     if args.action == "hf-to-megatron":
         from drope_megatron.convert.hf_to_megatron import convert
 

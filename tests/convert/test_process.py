@@ -1,5 +1,6 @@
 """A conversion process does not import TorchInductor's compiler (megatron-core's import-time
-torch.compile wrappers would pull it in), and an in-process caller's environment is left as it was."""
+torch.compile wrappers would pull it in) nor see a GPU (on a GPU host CUDA's context and NCCL cost
+seconds and host memory), and an in-process caller's environment is left as it was."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from tests.helpers import run
 
 pytestmark = pytest.mark.usefixtures("megatron_world")
 PROBE = ("import sys; from drope_megatron.cli import main; code = main(sys.argv[1:]); "
-         "print('compiler imported:', 'torch._inductor.compile_fx' in sys.modules); sys.exit(code)")
+         "print('compiler imported:', 'torch._inductor.compile_fx' in sys.modules); "
+         "import os; print('GPUs visible:', repr(os.environ.get('CUDA_VISIBLE_DEVICES'))); sys.exit(code)")
 
 
 def test_conversion_in_a_fresh_process_imports_no_compiler(tmp_path):
@@ -24,10 +26,12 @@ def test_conversion_in_a_fresh_process_imports_no_compiler(tmp_path):
         proc = run([sys.executable, "-c", PROBE, "convert", *map(str, args), "--quiet"])
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "compiler imported: False" in proc.stdout
+        assert "GPUs visible: ''" in proc.stdout
 
 
 def test_an_in_process_conversion_leaves_the_environment_alone(tmp_path):
     save_hf_model(tmp_path / "hf", hf_config("llama"))
-    before = os.environ.get("TORCHDYNAMO_DISABLE")
+    before = {k: os.environ.get(k) for k in ("TORCHDYNAMO_DISABLE", "CUDA_VISIBLE_DEVICES")}
     assert main(["convert", "hf-to-megatron", str(tmp_path / "hf"), str(tmp_path / "meg"), "--quiet"]) == 0
-    assert os.environ.get("TORCHDYNAMO_DISABLE") == before  # torch is loaded here: dynamo stays as it is
+    # torch is loaded here: dynamo and the GPUs stay as they are
+    assert {k: os.environ.get(k) for k in before} == before
