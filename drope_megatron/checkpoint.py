@@ -22,8 +22,6 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-import torch.distributed as dist
-
 from drope_megatron import atomic
 from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
                                    validate)
@@ -63,7 +61,8 @@ def save(model, m: ModelConfig, dst: str | Path, extra: dict[str, Any] | None = 
     `extra` adds top-level metadata (e.g. `source`, the Hugging Face origin, kept across saves);
     `tokenizer` (a tokenizer folder or a sentencepiece .model file) is copied into `tokenizer/`;
     `sharded` replaces `model.sharded_state_dict()` (ZeRO-3 saves its own pieces)."""
-    from megatron.core import dist_checkpointing  # here, so metadata readers import nothing heavy
+    import torch.distributed as dist  # here, so metadata readers (recipe loading) import nothing heavy
+    from megatron.core import dist_checkpointing
 
     dst = Path(dst)
     tmp = atomic.staging_dir(dst)
@@ -192,10 +191,12 @@ NEW_NORMS = ("q_layernorm.weight", "k_layernorm.weight")  # the QK-norm variant'
 
 
 def runtime_options(m: ModelConfig) -> dict[str, Any]:
-    """The options a recipe sets that change no weights (softmax scale, length-aware temperature,
-    fused kernels): a run starting from a checkpoint applies them over the stored ones."""
-    chosen = {"softmax_scale": m.softmax_scale, "attention_temperature": m.attention_temperature,
-              "fused_kernels": m.fused_kernels}
+    """The options a recipe sets that change no weights (training context, softmax scale,
+    length-aware temperature, fused kernels, attention backend): a run starting from a checkpoint
+    applies them over the stored ones (`init_from.resolve` has filled in the stored ones it keeps)."""
+    chosen = {"seq_length": m.seq_length, "softmax_scale": m.softmax_scale,
+              "attention_temperature": m.attention_temperature, "fused_kernels": m.fused_kernels,
+              "attention_backend": m.attention_backend}
     return {k: v for k, v in chosen.items() if v not in (None, "none")}
 
 
@@ -248,6 +249,8 @@ def _parts_to_read(groups: dict, missing: list[str], weights: Path) -> list[str]
     """Every rank's needed parts, in one order: megatron's load is collective, so a rank that
     needs nothing from a part (another pipeline stage's layers) still joins its read. A key no
     part holds, on any rank, fails every rank at once rather than leaving the others waiting."""
+    import torch.distributed as dist
+
     needed = sorted(part for part in groups if part is not None)
     if dist.is_initialized() and dist.get_world_size() > 1:
         everyone: list = [None] * dist.get_world_size()
@@ -321,5 +324,7 @@ def _copy_tokenizer(src: Path | None, dst: Path) -> None:
 
 
 def _barrier() -> None:
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.barrier()

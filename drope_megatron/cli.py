@@ -18,6 +18,7 @@ import yaml
 from drope_megatron import dtypes
 from drope_megatron.config import PHASES, ConfigError, load_recipe, recipe_to_dict
 
+BARS_OFF = "HF_DATASETS_DISABLE_PROGRESS_BARS"  # read by datasets at import
 EPILOG = "Overrides are dotted keys: train.lr=1e-4 model.phase=drope model.rope_layers=[0,3]"
 
 
@@ -87,9 +88,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    if args.action != "verify" and "torch" not in sys.modules:
+    if args.action != "verify" and args.own_process and "torch" not in sys.modules:
         # Conversion runs no model, but megatron-core wraps its fusions in torch.compile at import,
-        # which pulls in TorchInductor: 1-3 s of a 1B conversion. Only a fresh process is changed.
+        # which pulls in TorchInductor: 1-3 s of a 1B conversion. Only the `drope` process itself is
+        # changed: an in-process caller keeps its compiler and its GPUs.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         # Nor does it need a GPU: on a GPU host, CUDA's context and NCCL cost seconds and host memory.
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -132,7 +134,7 @@ def cmd_eval(args) -> int:
 
     from drope_megatron.config import Recipe, validate
 
-    e = load_recipe(args.recipe).eval if args.recipe else Recipe().eval
+    e = load_recipe(args.recipe, resolve_init=False).eval if args.recipe else Recipe().eval
     flags = {"lengths": _csv(args.lengths), "tasks": _csv(args.tasks), "baselines": _csv(args.baselines),
              "data": args.data, "text_key": args.text_key, "documents": args.documents, "seed": args.seed,
              "depths": _depths(args.depths), "samples": args.samples}
@@ -298,25 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """The `drope` command in this process; `own_process`: the process is the command's alone."""
     # megatron-core announces at import that Apex / Transformer Engine are absent: expected here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     # torch's distributed checkpoint warns about its own API churn on every megatron-core load.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor instead|`load_state_dict` is dep)")
     args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):  # datasets' own bars too (it reads this at import)
-        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    args.own_process = own_process
+    quiet = getattr(args, "quiet", False)
+    before = os.environ.get(BARS_OFF)
+    if quiet:  # datasets' own bars too; an in-process caller gets its environment back
+        os.environ[BARS_OFF] = "1"
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"drope: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if quiet and before is None:
+            del os.environ[BARS_OFF]
+        elif quiet:
+            os.environ[BARS_OFF] = before
 
 
 def run(argv: list[str] | None = None) -> None:
     """The `drope` command: `main`, then a quick exit."""
-    code = main(argv)
+    code = main(argv, own_process=True)
     # Shutdown would walk every object torch, megatron-core and transformers made (about 1 s per
     # process); the operating system frees them anyway. Only here: an in-process `main` keeps GC.
     gc.freeze()

@@ -188,8 +188,10 @@ def rope_flags(phase: str, num_layers: int, rope_layers: Optional[list[int]] = N
     return [i in set(rope_layers) for i in range(num_layers)]
 
 
-def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate."""
+def load_recipe(path: str | Path | None, overrides: list[str] = (), resolve_init: bool = True) -> Recipe:
+    """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate. Once
+    `train.init_from` names an existing checkpoint, the model is that checkpoint's with the
+    recipe's settings over it (`init_from.resolve`); `resolve_init=False` reads the file only."""
     raw: dict[str, Any] = {}
     if path is not None:
         raw = read_yaml(Path(path))
@@ -197,6 +199,11 @@ def load_recipe(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         apply_override(raw, item)
     recipe = build(Recipe, raw, "")
     validate(recipe)
+    if resolve_init and recipe.train.init_from:
+        from drope_megatron.init_from import resolve
+
+        recipe.model = resolve(recipe.model, raw.get("model") or {}, recipe.train.init_from)
+        validate(recipe)  # the checkpoint's heads against this recipe's TP, say
     return recipe
 
 

@@ -22,7 +22,10 @@ def test_recipe_runtime_options_replace_the_stored_ones(tmp_path):
                          "model.attention_temperature=log_length").model
     m, _, _ = checkpoint.prepare(tmp_path / "ckpt", ParallelConfig(), attention=checkpoint.runtime_options(wanted))
     assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (False, 0.5, "log_length")
-    # The recipe's fused_kernels always wins (a plain bool); unset attention options keep the stored ones.
+    megatron = checkpoint.runtime_options(tiny_recipe("model.attention_backend=megatron").model)
+    assert checkpoint.prepare(tmp_path / "ckpt", ParallelConfig(), attention=megatron)[0].attention_backend == "megatron"
+    # fused_kernels, the backend and the context always win (plain values); unset attention options keep
+    # the stored ones.
     checkpoint.save(model, wanted, tmp_path / "tuned")
     defaults = checkpoint.runtime_options(recipe.model)
     m, _, _ = checkpoint.prepare(tmp_path / "tuned", ParallelConfig(), attention=defaults)

@@ -149,7 +149,8 @@ class Demo:
     def _recipe_model(self):
         from drope_megatron.config import load_recipe
 
-        return load_recipe(str(self.recipe), list(self.overrides)).model
+        # As the recalibration will read it: from this demo's RoPE checkpoint.
+        return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}", *self.overrides]).model
 
     def _vocab(self) -> int:
         return self._recipe_model().vocab_size

@@ -42,7 +42,8 @@ def _model(recipe: Recipe, phase: str, ds_config: dict):
     # would cast it anyway), so that what depends on it, e.g. the fused cross-entropy, sees it.
     # Without bf16 DeepSpeed keeps no fp32 master weights: a bf16 checkpoint trains in fp32.
     dtype = "bfloat16" if ds_config["bf16"]["enabled"] else "float32"
-    # From a checkpoint: its architecture; the recipe adds the phase, QK-norm and attention options.
+    # From a checkpoint: its architecture; the recipe adds the context, phase, QK-norm and attention
+    # options (`init_from.resolve` checked the rest against the checkpoint when the recipe was loaded).
     attention = checkpoint.runtime_options(recipe.model)
     if init and ds_config["zero_optimization"].get("stage") == 3:
         model, m = load_partitioned(init, recipe.parallel, ds_config, recipe.model.qk_norm, attention, dtype)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from drope_megatron.data.tokenizer import load_tokenizer
+from drope_megatron.demo.pipeline import SHIPPED
 from tests.helpers import drope
 
 STAGES = ["corpus", "data", "rope", "drope", "eval", "export", "report"]
@@ -43,3 +44,19 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert "$ drope" not in again.stdout  # nothing was rerun
     assert json.loads((work / "stages.json").read_text())["seconds"] == log["seconds"] | {
         "report": json.loads((work / "stages.json").read_text())["seconds"]["report"]}
+
+
+def test_pretraining_here_until_the_rope_stage(tmp_path):
+    """`--pretrain`: the RoPE model is trained here with the corpus's own tokenizer, exported to
+    Hugging Face and converted back; `--until rope` stops there."""
+    work = tmp_path / "demo"
+    proc = drope("demo", "--smoke", "--pretrain", "--until", "rope", "--work", str(work), timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "$ drope pretrain" in proc.stdout and "[demo] drope: running" not in proc.stdout
+    assert list(json.loads((work / "stages.json").read_text())["seconds"]) == STAGES[:3]
+    assert (work / "pretrain" / "final").is_dir() and (work / "rope-hf" / "config.json").is_file()
+    used = (work / "rope" / "tokenizer" / "tokenizer.model").read_bytes()
+    assert used == (work / "corpus" / "tokenizer.model").read_bytes() != (SHIPPED / "tokenizer.model").read_bytes()
+    assert not (work / "drope").exists() and not (work / "eval").exists()
+    bad = drope("demo", "--until", "train", "--work", str(work), timeout=60)
+    assert bad.returncode == 2 and "--until 'train': use one of corpus, data" in bad.stderr

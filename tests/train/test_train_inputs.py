@@ -94,12 +94,18 @@ def test_divergence_stops_with_a_pointer_to_the_last_checkpoint(corpus, tmp_path
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert any(f"{what} is {value}" in proc.stderr for what in ("loss", "gradient norm") for value in ("nan", "inf"))
     named = proc.stderr.split("last good checkpoint: ")[1].split(" (")[0]
-    if named != "none":  # the checkpoint it points to holds finite weights
-        import torch
+    assert named.endswith("step00000001"), named  # the first step's weights are still finite
+    import torch
 
-        # DeepSpeed pickles more than tensors; this is a file the run above just wrote.
-        states = torch.load(Path(named) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        assert all(torch.isfinite(v).all() for v in states.values() if torch.is_tensor(v))
+    # DeepSpeed pickles more than tensors; this is a file the run above just wrote.
+    states = torch.load(Path(named) / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in states.values() if torch.is_tensor(v))
+
+
+def assert_two_ranks(rows):
+    """ZeRO (1 and up) over two data-parallel ranks: each holds half of Adam's two moments."""
+    first = rows[0]
+    assert first["optimizer_state_local"] == pytest.approx(first["params_total"], rel=0.02)
 
 
 def test_two_nodes_on_loopback(corpus, tmp_path):
@@ -124,6 +130,7 @@ def test_two_nodes_on_loopback(corpus, tmp_path):
     assert all(p.returncode == 0 for p in procs), outs[1][1][-2000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["params_local"] == rows[0]["params_total"] and len(rows) == 3
+    assert_two_ranks(rows)
 
 
 def test_mpirun_job(corpus, tmp_path):
@@ -132,8 +139,9 @@ def test_mpirun_job(corpus, tmp_path):
     proc = run_cmd(cmd, timeout=240, NP="2", PYTHON=sys.executable, OMPI_ALLOW_RUN_AS_ROOT="1",
                    OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    seq, _ = losses(tmp_path / "run")
+    seq, rows = losses(tmp_path / "run")
     assert len(seq) == 3 and seq[-1] < seq[0]
+    assert_two_ranks(rows)
 
 
 def test_qk_norm_variant_recalibrates_from_a_plain_checkpoint(corpus, tmp_path):
@@ -144,9 +152,10 @@ def test_qk_norm_variant_recalibrates_from_a_plain_checkpoint(corpus, tmp_path):
     (tmp_path / "zero3.json").write_text(json.dumps(ds))
     run(corpus, tmp_path / "rec", "train.steps=3", f"train.init_from={tmp_path / 'pre' / 'final'}",
         "model.qk_norm=true", "model.softmax_scale=0.25", f"train.deepspeed_config={tmp_path / 'zero3.json'}",
-        nproc=2, command="recalibrate")
+        "model.seq_length=16", nproc=2, command="recalibrate")
     m = checkpoint.model_config(tmp_path / "rec" / "final")
     assert m.qk_norm and m.phase == "drope" and m.softmax_scale == 0.25  # the recipe's options over the stored
+    assert m.seq_length == 16  # and its context (the checkpoint's was 32)
     first = losses(tmp_path / "rec")[1][0]
     assert first["params_local"] == pytest.approx(first["params_total"] / 2, rel=0.02)  # ZeRO-3 from the JSON
 
@@ -159,7 +168,9 @@ def test_deepspeed_launcher(corpus, tmp_path):
     cmd = ["cluster/deepspeed-hostfile.sh", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
     proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert len(losses(tmp_path / "run")[0]) == 3
+    seq, rows = losses(tmp_path / "run")
+    assert len(seq) == 3
+    assert_two_ranks(rows)
 
 
 def test_a_run_without_save_dir_says_it_keeps_nothing(corpus, megatron_world, capsys):
