@@ -8,7 +8,9 @@ from tests.helpers import ROOT, drope
 
 
 def test_defaults_validate():
-    assert isinstance(load_recipe(None), Recipe)
+    recipe = load_recipe(None)
+    assert recipe == Recipe()
+    assert (recipe.model.phase, recipe.train.schedule, recipe.train.zero_stage) == ("rope", "constant", 0)
 
 
 def test_every_shipped_recipe_loads():

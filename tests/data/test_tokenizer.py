@@ -40,5 +40,5 @@ def test_bos_starts_documents_and_prompts_when_the_tokenizer_adds_one(tmp_path, 
     doc = next(documents(DataConfig(paths=[str(tmp_path / "docs.jsonl")], format="json"), tok, 0, 0))
     assert doc == [*tok.bos, *tok.encode("the sky is blue"), tok.eos_id] and doc.count(1) == int(adds_bos)
     sample = make_sample("passkey", tok, 120, 0.5, random.Random(0))
-    assert sample.prompt[:1] == ([1] if adds_bos else sample.prompt[:1]) and sample.prompt.count(1) == int(adds_bos)
+    assert (sample.prompt[0] == 1) is adds_bos and sample.prompt.count(1) == int(adds_bos)
     assert 110 < len(sample.prompt) + len(sample.answer) <= 120

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
+from drope_megatron.config import ConfigError
 from tests.eval.conftest import TRAIN_LENGTH
 from tests.helpers import drope
 
@@ -75,3 +78,12 @@ def test_model_specs_split_at_a_label_not_inside_a_path(checkpoints, tmp_path):
     assert parse_models([str(swept)]) == {"lr=1e-4": swept}
     assert parse_models([f"DroPE={swept}", f"RoPE={checkpoints['rope']}"]) == {
         "DroPE": swept, "RoPE": checkpoints["rope"]}
+    with pytest.raises(ConfigError, match="two models are labelled 'lr=1e-4': name them with label=path"):
+        parse_models([str(swept), str(swept)])
+
+
+def test_niah_names_every_ruler_task_once_in_a_stable_order():
+    from drope_megatron.eval.runner import expand_tasks
+    from drope_megatron.eval.tasks import NIAH
+
+    assert expand_tasks(["ppl", "niah_single", "niah", "passkey", "ppl"]) == ["ppl", *NIAH, "passkey"]

@@ -26,14 +26,21 @@ def _hf_angles(method: str, length: int, base: float, head_dim: int):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+    def config(params):
+        return LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=TRAIN,
+                           rope_parameters=params)
+
     params = scaling.hf_rope_parameters(method, base, head_dim, TRAIN, length)
-    cfg = LlamaConfig(hidden_size=head_dim * 4, num_attention_heads=4, max_position_embeddings=TRAIN,
-                      rope_parameters=params)
-    kind = params["rope_type"]
-    if kind == "default":  # transformers computes plain RoPE inside each model class (NTK: a new base)
+    if method == "ntk":  # transformers' dynamic NTK at this length (the baseline as defined), not our formula
+        dynamic = {"rope_type": "dynamic", "rope_theta": base, "factor": max(1.0, length / TRAIN)}
+        inv_freq, factor = ROPE_INIT_FUNCTIONS["dynamic"](config(dynamic), None, seq_len=length)
+        # Our HF backend passes the grown base as plain RoPE: the same frequencies.
+        assert params["rope_type"] == "default"
+        assert torch.allclose(_plain(params["rope_theta"], head_dim), inv_freq, rtol=1e-6)
+    elif params["rope_type"] == "default":  # transformers computes plain RoPE inside each model class
         inv_freq, factor = _plain(params["rope_theta"], head_dim), 1.0
     else:
-        inv_freq, factor = ROPE_INIT_FUNCTIONS[kind](cfg, None, seq_len=length)
+        inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config(params), None, seq_len=length)
     return torch.outer(torch.arange(length).float(), inv_freq), factor
 
 

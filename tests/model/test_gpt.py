@@ -49,6 +49,7 @@ def test_switching_equals_building_in_that_phase(phase, rope_layers):
     extra = [f"model.rope_layers={rope_layers}"] if rope_layers else []
     built, recipe = tiny_model(f"model.phase={phase}", *extra)
     switched, _ = tiny_model()
+    assert built.state_dict().keys() == switched.state_dict().keys()
     for a, b in zip(built.state_dict().values(), switched.state_dict().values()):
         if torch.is_tensor(a):
             assert torch.equal(a, b)

@@ -148,3 +148,24 @@ def test_compiled_layers_train_as_the_eager_ones_under_zero3(megatron_world):
             losses.append(loss.detach())
         torch.testing.assert_close(losses[1], losses[0])
     assert counters["stats"]["calls_captured"] > captured  # the layers did run through dynamo
+
+
+def test_warmup_stable_decay_schedule():
+    """wsd (the SmolLM recipes'): linear warmup (from min_lr_ratio, as transformers' schedule starts),
+    a flat stretch, then a cosine decay to min_lr_ratio over the last decay_steps."""
+    import math
+
+    import torch
+
+    from drope_megatron.train.engine import scheduler
+
+    t = TrainConfig(schedule="wsd", steps=10, warmup_steps=2, decay_steps=4, min_lr_ratio=0.1, lr=1.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched = scheduler(t, opt)
+    seen = []
+    for _ in range(t.steps + 1):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert seen == pytest.approx([0.1, 0.55, 1.0, 1.0, 1.0, 1.0, *cosine, 0.1])

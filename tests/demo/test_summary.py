@@ -1,0 +1,24 @@
+"""The demo report's headlines: computed from the results, against the best RoPE method."""
+
+from __future__ import annotations
+
+from drope_megatron.demo.summary import headlines
+
+
+def _row(ppl: float, accuracy: float, found: float) -> dict:
+    return {"ppl": {"1x": {"ppl": ppl}}, "passkey": {"2x": {"accuracy": accuracy, "found": found}}}
+
+
+def test_headlines_compare_drope_with_the_best_rope_method_of_each_measure():
+    results = {"tasks": ["ppl", "passkey"], "rows": {
+        "RoPE": _row(10.0, 0.0, 0.25), "RoPE+pi": _row(12.0, 0.25, 0.5), "RoPE+ntk": _row(11.0, 0.5, 0.25),
+        "RoPE+yarn": _row(11.5, 0.0, 0.75), "DroPE": _row(10.5, 1.0, 1.0)}}
+    assert headlines(results) == [
+        "Perplexity at 1x: DroPE 10.50 vs RoPE 10.00 (+5.0 %).",
+        "passkey at 2x: DroPE 100 % vs best RoPE method RoPE+ntk 50 %; needle found: DroPE 100 % vs RoPE+yarn 75 %.",
+    ]
+
+
+def test_no_headline_for_what_was_not_measured():
+    results = {"tasks": ["passkey"], "rows": {"DroPE": {"passkey": {"2x": {"accuracy": 1.0, "found": 1.0}}}}}
+    assert headlines(results) == []  # no RoPE row to compare with
