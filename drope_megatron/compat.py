@@ -1,7 +1,7 @@
 """megatron-core CPU shims: the only place that knows megatron-core 0.16 assumes CUDA.
 
 `apply_cpu_shims()` is a no-op when CUDA is present. Without CUDA it patches the CUDA-only
-spots measured on CPU machines (REFERENCE §2): the current-device lookup used for buffers
+spots measured on CPU machines: the current-device lookup used for buffers
 and pipeline messages, the model-parallel RNG tracker, the default causal mask,
 `torch.cuda.synchronize` in the checkpoint writer and pipeline p2p, the token counter the
 pipeline schedules allocate with `device="cuda"`, and `Tensor.cuda()` used when the last
