@@ -7,7 +7,7 @@ are on disk (fsync, then rename), so each is compared with the durable copy; the
 page-cache copy is printed too. Every step starts after a `sync`, so none pays for an earlier
 step's writeback.
 
-    python benchmarks/conversion.py            # 1.1B params, bf16 (2.2 GB), in ./.build/bench-conversion
+    python benchmarks/conversion.py            # 1.1B params, bf16 (2.2 GB), in .build/bench-conversion
     python benchmarks/conversion.py --quick    # a tiny model (CI)
     python benchmarks/conversion.py --layers 32   # twice as deep (2.1B, 4.1 GB): memory stays
 
@@ -17,13 +17,16 @@ Each step runs in its own process; its peak RSS is that process's own maximum.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+import children
+
+ROOT = children.ROOT
+sys.path.insert(0, str(ROOT))
+MARKER = ".made-by-conversion-benchmark"
 
 FULL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
             num_key_value_heads=8, vocab_size=32000, tie_word_embeddings=False, max_position_embeddings=4096)
@@ -62,29 +65,33 @@ def generate(folder: Path, shape: dict) -> int:
 
 
 def measured(cmd: list[str]) -> dict:
-    """Run one step in a child process; wall time and the child's own peak RSS."""
+    """One step in its own process: wall time and its own peak RSS."""
     os.sync()  # earlier steps' dirty pages are not this step's cost
-    probe = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-             "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
-             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, capture_output=True, text=True).stdout
-    seconds, kib = out.split()
-    return {"seconds": float(seconds), "peak_rss_gib": int(kib) / 2**20}
+    return children.measured(cmd)
+
+
+def fresh_workdir(work: Path) -> None:
+    """Empty `work` for this run; a folder holding anything this script did not make is refused."""
+    if work.exists() and any(work.iterdir()) and not (work / MARKER).is_file():
+        sys.exit(f"--workdir {work} holds files this benchmark did not make: name a new or empty folder")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    (work / MARKER).touch()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true", help="tiny model (CI)")
-    parser.add_argument("--workdir", type=Path, default=Path(".build/bench-conversion"))
+    parser.add_argument("--workdir", type=Path, default=ROOT / ".build" / "bench-conversion",
+                        help="scratch folder (new or made by this script; its checkpoints are kept)")
     parser.add_argument("--layers", type=int, help="another depth, same layer shape: memory should not follow it")
     args = parser.parse_args()
     work = args.workdir
-    shutil.rmtree(work, ignore_errors=True)
+    fresh_workdir(work)
     shape = dict(QUICK if args.quick else FULL)
     if args.layers:
         shape["num_hidden_layers"] = args.layers
     size = generate(work / "hf", shape)
-    params = size / 2  # bf16
     drope = [sys.executable, "-m", "drope_megatron.cli", "convert"]
     imports = ("import transformers, megatron.core.dist_checkpointing; "
                "import drope_megatron.convert.hf_to_megatron, drope_megatron.distributed")
@@ -100,21 +107,29 @@ def main() -> None:
         "megatron -> hf 64M": measured([*drope, "megatron-to-hf", str(work / "meg"), str(work / "out64"),
                                          "--max-shard-gib", "0.0625", "--quiet"]),
     }
-    print(f"checkpoint: {params / 1e9:.2f}B params, bf16, {size / 2**30:.2f} GiB of safetensors")
+    from drope_megatron import atomic
+
+    atomic.write_json(work / "results.json", {"bytes": size, "steps": steps})
+    for copy in ("copy", "copy2", "out64"):
+        shutil.rmtree(work / copy, ignore_errors=True)
+    print(f"kept in {work}: the checkpoints hf/, meg/ and out/ ({3 * size / 2**30:.1f} GiB), results.json")
+    report(steps, size)
+
+
+def report(steps: dict, size: int) -> None:
+    print(f"checkpoint: {size / 2 / 1e9:.2f}B params, bf16, {size / 2**30:.2f} GiB of safetensors")
     print(f"{'step':>19} {'seconds':>9} {'peak RSS GiB':>13}")
     for name, r in steps.items():
         print(f"{name:>19} {r['seconds']:>9.2f} {r['peak_rss_gib']:>13.2f}")
-    base = steps["imports only"]["peak_rss_gib"]
+    imports, durable = steps["imports only"], steps["copy + sync (disk)"]["seconds"]
     for name in ("hf -> megatron", "megatron -> hf", "megatron -> hf 64M"):
         r = steps[name]
-        print(f"ratio {name}: time {r['seconds'] / steps['copy + sync (disk)']['seconds']:.1f}x the durable copy "
-              f"({r['seconds'] / steps['copy (page cache)']['seconds']:.1f}x the page-cache copy), "
+        print(f"ratio {name}: time {r['seconds'] / durable:.1f}x the durable copy "
+              f"({r['seconds'] / steps['copy (page cache)']['seconds']:.1f}x the page-cache copy; "
+              f"{(r['seconds'] - imports['seconds']) / durable:.1f}x above the imports' {imports['seconds']:.1f} s), "
               f"peak RSS {r['peak_rss_gib'] * 2**30 / size:.2f}x the checkpoint size "
-              f"({(r['peak_rss_gib'] - base) * 2**30 / size:.2f}x above the imports' {base:.2f} GiB)")
-    (work / "results.json").write_text(json.dumps({"bytes": size, "steps": steps}, indent=2))
-    for copy in ("copy", "copy2", "out64"):
-        shutil.rmtree(work / copy, ignore_errors=True)
-
+              f"({(r['peak_rss_gib'] - imports['peak_rss_gib']) * 2**30 / size:.2f}x above the imports' "
+              f"{imports['peak_rss_gib']:.2f} GiB)")
 
 if __name__ == "__main__":
     main()

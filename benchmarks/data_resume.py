@@ -26,7 +26,7 @@ def main() -> None:
     from drope_megatron.data.packing import BatchStream, block_stream
     from drope_megatron.data.tokenizer import load_tokenizer
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--workdir", type=Path, default=ROOT / ".build" / "bench-resume")
     args = parser.parse_args()

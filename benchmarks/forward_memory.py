@@ -18,9 +18,10 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import time
+
+import children
 
 FULL = ["model.num_layers=6", "model.hidden_size=320", "model.num_attention_heads=5", "model.vocab_size=8192",
         "model.seq_length=256"]
@@ -58,19 +59,20 @@ def measure(backend: str, length: int, repeats: int, overrides: list[str]) -> di
 
 
 def forward_flops(params: int, length: int, overrides: list[str]) -> float:
-    """2 FLOPs per parameter per token (embedding lookups counted too: an upper bound) plus causal attention."""
+    """2 FLOPs per parameter per token (the embedding is tied: its one matrix is the output layer's
+    matmul) plus causal attention."""
     shape = {k.split("=")[0].split(".")[1]: int(k.split("=")[1]) for k in overrides}
     return 2 * params * length + 2 * shape["num_layers"] * length**2 * shape["hidden_size"]
 
 
 def run_child(backend: str, length: int, repeats: int, quick: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", backend, str(length), str(repeats)] + (["--quick"] if quick else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=1800).stdout
+    out = children.run(cmd)
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true", help="tiny model and lengths (for CI)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--child", nargs=3, metavar=("BACKEND", "LENGTH", "REPEATS"), help=argparse.SUPPRESS)

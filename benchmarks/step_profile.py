@@ -81,7 +81,7 @@ def step_time(shape: dict, phase: str, micro: int, fused: bool, steps: int, tabl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--phase", default="drope", choices=["drope", "rope"])
     parser.add_argument("--micro", type=int, default=None, help="sequences per step (default: 8 GPU, 4 CPU)")

@@ -19,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import children
+
+ROOT = children.ROOT
 sys.path.insert(0, str(ROOT))
 
 FULL = dict(layers=6, hidden=320, heads=5, ffn=896, vocab=8192, seq=256, micro=4, steps=24, stages=(0, 3))
@@ -60,24 +62,17 @@ def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True,
             f"train.compile_layers={str(compiled).lower()}",
             "data.format=megatron", f"data.paths=[{data}]", f"train.save_dir={run_dir}"]
     command = "pretrain" if phase == "rope" else "recalibrate"
-    run([sys.executable, "-m", "drope_megatron.cli", command, *args, "--quiet"])
+    children.run([sys.executable, "-m", "drope_megatron.cli", command, *args, "--quiet"])
     first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(run_dir)  # its final save (with the optimizer's state: 6 GB at the GPU shape) is not needed
     rate = (last["step"] - first["step"]) * shape["micro"] * shape["seq"] / (last["time"] - first["time"])
     return rate, last["loss"]
 
 
 def reference(shape: dict, phase: str, stage: int) -> dict:
     """In a child: the HF model in a plain DeepSpeed loop; tokens/s, params and the matmul peak."""
-    out = run([sys.executable, __file__, "--child", json.dumps({**shape, "phase": phase, "stage": stage})])
+    out = children.run([sys.executable, __file__, "--child", json.dumps({**shape, "phase": phase, "stage": stage})])
     return json.loads(out.strip().splitlines()[-1])
-
-
-def run(cmd: list[str]) -> str:
-    """The child's stdout; on failure, its stderr's tail and an exit (the ratios would be meaningless)."""
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if done.returncode:
-        sys.exit(f"{' '.join(cmd[:4])} ... failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return done.stdout
 
 
 def _child(spec: dict) -> dict:
@@ -109,10 +104,10 @@ def _child(spec: dict) -> dict:
         if step == 1:
             start = time.perf_counter()
         batch = torch.randint(0, spec["vocab"], (spec["micro"], spec["seq"] + 1), generator=gen).to(engine.device)
-        loss = engine(input_ids=batch[:, :-1], labels=batch[:, 1:]).loss
+        loss = engine(input_ids=batch[:, :-1], labels=batch[:, :-1]).loss  # transformers shifts the labels
         engine.backward(loss)
         engine.step()
-        loss.item()  # waits for the device, like our loop's logging
+        loss.item()  # waits for the device, as our loop does for its loss each step
     rate = (spec["steps"] - 1) * spec["micro"] * spec["seq"] / (time.perf_counter() - start)
     params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
     return {"tokens_per_s": rate, "params": params,
@@ -145,9 +140,9 @@ def flops_per_token(shape: dict, params: int, embedding: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--stages", help="comma-separated ZeRO stages (default 0,3; quick: 0)")
+    parser.add_argument("--stages", help="comma-separated ZeRO stages (default 0,3 on CPU, 0,2 on GPU; quick: 0)")
     parser.add_argument("--phases", default="drope,rope", help="drope (recalibration), rope (pretraining)")
     parser.add_argument("--compile", action="store_true", help="also time ours with train.compile_layers=true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -155,6 +150,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(_child(json.loads(args.child))))
         return
+    phases = args.phases.split(",")
+    if not phases or set(phases) - {"drope", "rope"}:
+        parser.error(f"--phases {args.phases!r}: use drope, rope or both, comma-separated")
     import torch
 
     shape = dict(QUICK if args.quick else GPU if torch.cuda.is_available() else FULL)
@@ -162,7 +160,7 @@ def main() -> None:
         shape["stages"] = tuple(int(x) for x in args.stages.split(","))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for phase in args.phases.split(","):
+        for phase in phases:
             for stage in shape["stages"]:
                 row = {"phase": phase, "stage": stage, **reference(shape, phase, stage)}
                 row["ours"], row["loss"] = ours(shape, phase, stage, Path(tmp))

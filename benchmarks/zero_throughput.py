@@ -4,8 +4,9 @@ on two data-parallel processes, against one process (ZeRO 0) measured in the sam
     python benchmarks/zero_throughput.py            # 10.2M params, seq 256, 24 steps per config
     python benchmarks/zero_throughput.py --quick    # a tiny model, 4 steps (CI)
 
-Tokens/s is the median over steps after the first two; memory is each rank's peak RSS
-(imports included: at this size they dominate, so also read params/optimizer elements per rank).
+Tokens/s is measured by the loop's own clock from step 1 to the last; memory is the largest
+process's peak RSS (imports and the final save included: at this size they dominate, so also read
+the params/optimizer elements per rank).
 """
 
 from __future__ import annotations
@@ -13,19 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import children
+
+ROOT = children.ROOT
 sys.path.insert(0, str(ROOT))
 
-FULL = ["model.num_layers=6", "model.hidden_size=320", "model.num_attention_heads=5", "model.vocab_size=8192",
-        "model.seq_length=256", "train.micro_batch_size=4", "train.global_batch_size=8", "train.steps=24"]
-QUICK = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=256",
-         "model.seq_length=32", "train.micro_batch_size=2", "train.global_batch_size=4", "train.steps=4"]
+FULL = dict(layers=6, hidden=320, heads=5, vocab=8192, seq=256, micro=4, batch=8, steps=24)
+QUICK = dict(layers=2, hidden=64, heads=4, vocab=256, seq=32, micro=2, batch=4, steps=4)
 
 
 def corpus(folder: Path) -> list[str]:
@@ -35,31 +34,37 @@ def corpus(folder: Path) -> list[str]:
     return corpus_lib.data_args(built)
 
 
-def run(nproc: int, stage: int, args: list[str], work: Path) -> dict:
+def run(nproc: int, stage: int, shape: dict, data: list[str], work: Path) -> dict:
+    """`drope recalibrate` at one ZeRO stage on `nproc` processes: tokens/s by the loop's own clock
+    from step 1 to the last (only those two are logged, so no step pays for a logged step's extra
+    gradient-norm pass), and the largest process's peak RSS (the final save included)."""
+    from drope_megatron.distributed import free_port
+
     run_dir = work / f"z{stage}-n{nproc}"
-    cli = ["-m", "drope_megatron.cli", "pretrain", *args, f"train.zero_stage={stage}", f"train.save_dir={run_dir}",
-           "train.log_interval=1", "train.save_interval=0", "--quiet"]
-    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-port=29731"] if nproc > 1 else []
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL,"
-             " stderr=subprocess.DEVNULL); print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
-    out = subprocess.run([sys.executable, "-c", probe, sys.executable, *launcher, *cli], check=True,
-                         capture_output=True, text=True, cwd=ROOT).stdout
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[2:] or rows),
-            "peak_rss_gib": int(out.split()[-1]) / 2**20, "params_local": rows[0]["params_local"],
-            "optimizer_local": rows[0]["optimizer_state_local"], "params_total": rows[0]["params_total"]}
+    cli = ["-m", "drope_megatron.cli", "recalibrate", f"model.num_layers={shape['layers']}",
+           f"model.hidden_size={shape['hidden']}", f"model.num_attention_heads={shape['heads']}",
+           f"model.vocab_size={shape['vocab']}", f"model.seq_length={shape['seq']}",
+           f"train.micro_batch_size={shape['micro']}", f"train.global_batch_size={shape['batch']}",
+           f"train.steps={shape['steps']}", f"train.log_interval={shape['steps']}", *data,
+           f"train.zero_stage={stage}", f"train.save_dir={run_dir}", "--quiet"]
+    launcher = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+    peak = children.measured([sys.executable, *(launcher if nproc > 1 else []), *cli])
+    first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rate = (last["step"] - first["step"]) * shape["batch"] * shape["seq"] / (last["time"] - first["time"])
+    return {"tokens_per_s": rate, "peak_rss_gib": peak["peak_rss_gib"], "params_local": first["params_local"],
+            "optimizer_local": first["optimizer_state_local"], "params_total": first["params_total"]}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        common = (QUICK if args.quick else FULL) + corpus(work / "corpus")
-        results = {"1 proc, ZeRO 0": run(1, 0, common, work)}
+        shape, data = QUICK if args.quick else FULL, corpus(work / "corpus")
+        results = {"1 proc, ZeRO 0": run(1, 0, shape, data, work)}
         for stage in (0, 1, 2, 3):
-            results[f"2 procs, ZeRO {stage}"] = run(2, stage, common, work)
+            results[f"2 procs, ZeRO {stage}"] = run(2, stage, shape, data, work)
     base = results["1 proc, ZeRO 0"]
     print(f"model: {base['params_total'] / 1e6:.1f}M params; OMP threads 1 per rank; fp32, CPU, gloo")
     print(f"{'config':>16} {'tokens/s':>9} {'peak RSS GiB/rank':>18} {'params/rank':>12} {'optim elems/rank':>17}")

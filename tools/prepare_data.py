@@ -12,11 +12,14 @@ import sys
 import time
 from pathlib import Path
 
+from tqdm import tqdm
+
 from drope_megatron import atomic
 from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import load_tokenizer
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,7 +35,8 @@ def main(argv=None) -> int:
             atomic.refuse_existing(Path(f"{args.out}{suffix}"), args.overwrite)
         tok = load_tokenizer(args.tokenizer)
         d = DataConfig(paths=args.input, format=file_format(args.input), text_key=args.text_key, shuffle=False)
-        info = write_indexed(documents(d, tok, epoch=0, seed=0), args.out, tok.vocab_size)
+        docs = tqdm(documents(d, tok, epoch=0, seed=0), desc="tokenising", unit="doc", mininterval=2)
+        info = write_indexed(docs, args.out, tok.vocab_size)
     except ConfigError as exc:
         print(f"prepare_data: error: {exc}", file=sys.stderr)
         return 2

@@ -34,14 +34,26 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
     if d.format == "megatron":
         yield from _indexed(d, epoch, seed, start, vocab_size)
         return
-    # Empty rows go before the order is fixed, so that `start` counts the documents packing saw.
-    dataset = _hf_dataset(d).filter(_has_text, input_columns=[d.text_key], batched=True)
-    if d.shuffle:
-        dataset = dataset.shuffle(seed=seed + epoch)
-    if start:
-        dataset = dataset.skip(start)
-    for row in dataset:
-        yield [*tokenizer.bos, *tokenizer.encode(row[d.text_key]), tokenizer.eos_id]
+    import pyarrow
+    from datasets.exceptions import DatasetGenerationError
+
+    try:
+        # Empty rows go before the order is fixed, so that `start` counts the documents packing saw.
+        dataset = _hf_dataset(d).filter(_has_text, input_columns=[d.text_key], batched=True)
+        if d.shuffle:
+            dataset = dataset.shuffle(seed=seed + epoch)
+        if start:
+            dataset = dataset.skip(start)
+        for row in dataset:  # a streamed file is parsed only here
+            text = row[d.text_key]
+            if not isinstance(text, str):
+                raise ConfigError(f"data in {', '.join(d.paths)}: a {d.text_key!r} value is {type(text).__name__}, "
+                                  "not text: fix the data or set data.text_key")
+            yield [*tokenizer.bos, *tokenizer.encode(text), tokenizer.eos_id]
+    except (DatasetGenerationError, pyarrow.ArrowException) as exc:
+        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        raise ConfigError(f"data in {', '.join(d.paths)} cannot be read as {d.format} ({cause}): fix the file or "
+                          "data.format") from None
 
 
 def _has_text(texts: list) -> list[bool]:

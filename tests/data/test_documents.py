@@ -54,3 +54,14 @@ def test_indexed_ids_beyond_the_models_vocabulary_are_refused(sources):
     with pytest.raises(ConfigError, match=r"holds token id 120 but the model's vocabulary is 100: it was "
                                           "tokenised with another tokenizer"):
         list(documents(d, None, 0, seed=1, vocab_size=100))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_unreadable_json_and_values_that_are_not_text_fail_in_one_line(tmp_path, streaming):
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (tmp_path / "numbers.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    for name, message in (("broken", r"broken\.jsonl cannot be read as json \(JSON parse error: .* row 1\): fix the"),
+                          ("numbers", r"numbers\.jsonl: a 'text' value is int, not text: fix the data or set")):
+        d = DataConfig(paths=[str(tmp_path / f"{name}.jsonl")], format="json", streaming=streaming, shuffle=False)
+        with pytest.raises(ConfigError, match=message):
+            list(documents(d, CHARS, 0, seed=0))

@@ -51,3 +51,8 @@ def test_prepare_data_tool(tmp_path):
     bad = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
                corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
     assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "bad").exists()
+    (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    broken = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "broken.jsonl"), "--tokenizer",
+                  corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
+    assert broken.returncode == 2 and "cannot be read as json (JSON parse error" in broken.stderr
+    assert "Traceback" not in broken.stderr and not (tmp_path / "bad").exists()
