@@ -1,8 +1,8 @@
 """Forward time and peak memory of a ~10M-parameter model: SDPA core attention vs megatron's.
 
 Each (backend, length) runs in a fresh process so peaks do not mix; memory is the rise of the
-process's peak RSS over its RSS just before the forward pass. Prints a table, then the ratios
-(megatron / SDPA) last.
+process's peak RSS (reset once the model is built) over its RSS just before the forward pass.
+Prints a table, then the ratios (megatron / SDPA) last.
 
     python benchmarks/forward_memory.py            # SDPA at 1k, 4k, 16k tokens; megatron at 1k, 4k
     python benchmarks/forward_memory.py --quick    # 64 and 256 tokens, a tiny model (CI)
@@ -20,6 +20,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 import children
 
@@ -39,23 +40,39 @@ def measure(backend: str, length: int, repeats: int, overrides: list[str]) -> di
     from drope_megatron.model import build_model
 
     recipe = load_recipe(None, [*overrides, f"model.attention_backend={backend}"])
-    distributed.initialize(recipe.parallel)
-    model = build_model(recipe.model, recipe.parallel).eval()
-    params = sum(p.numel() for p in model.parameters())
-    tokens = torch.randint(0, recipe.model.vocab_size, (1, length))
-    positions = torch.arange(length).unsqueeze(0)
-    with torch.no_grad():
+    with distributed.session(recipe.parallel, single=True), torch.no_grad():
+        model = build_model(recipe.model, recipe.parallel).eval()
+        params = sum(p.numel() for p in model.parameters())
+        tokens = torch.randint(0, recipe.model.vocab_size, (1, length))
+        positions = torch.arange(length).unsqueeze(0)
         model(tokens[:, :16], positions[:, :16], None)
         before = psutil.Process().memory_info().rss
+        reset_peak()  # the build's transient peak is not the forward's
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
             model(tokens, positions, None)
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    distributed.shutdown()
+        peak = peak_rss()
     return {"backend": backend, "length": length, "params": params, "seconds": min(times),
             "peak_rise_mib": max(0, peak - before) / 2**20, "threads": torch.get_num_threads()}
+
+
+def reset_peak() -> None:
+    """Start this process's peak RSS (VmHWM) afresh (Linux); elsewhere the lifetime peak stays."""
+    clear = Path("/proc/self/clear_refs")
+    if clear.exists():
+        clear.write_text("5")
+
+
+def peak_rss() -> int:
+    """Bytes: VmHWM since `reset_peak` where Linux has it, else the lifetime peak."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")]
+        if hwm:
+            return int(hwm[0].split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def forward_flops(params: int, length: int, overrides: list[str]) -> float:

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--phase", default="drope", choices=["drope", "rope"])
     parser.add_argument("--micro", type=int, default=None, help="sequences per step (default: 8 GPU, 4 CPU)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps (quick: 2)")
     parser.add_argument("--table", action="store_true", help="print the profiler's largest kernels (fused run)")
     parser.add_argument("--compile", action="store_true", help="also time the fused model with compiled layers")
     args = parser.parse_args()
