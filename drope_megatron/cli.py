@@ -41,7 +41,7 @@ def cmd_config(args) -> int:
 
 
 def cmd_smoke(args) -> int:
-    recipe = load_recipe(*_split_recipe(args))
+    recipe = load_recipe(*_split_recipe(args), resolve_init=False)  # a fresh model of the recipe's own shape
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     unknown = [p for p in phases if p not in PHASES]
     if unknown or not phases:

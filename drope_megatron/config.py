@@ -198,12 +198,12 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), resolve_init
     for item in overrides:
         apply_override(raw, item)
     recipe = build(Recipe, raw, "")
-    validate(recipe)
     if resolve_init and recipe.train.init_from:
         from drope_megatron.init_from import resolve
 
+        # Before any check: the checkpoint's heads and layers, not the defaults, meet this TP and rope_layers.
         recipe.model = resolve(recipe.model, raw.get("model") or {}, recipe.train.init_from)
-        validate(recipe)  # the checkpoint's heads against this recipe's TP, say
+    validate(recipe)
     return recipe
 
 

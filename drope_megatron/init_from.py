@@ -46,12 +46,11 @@ def resolve(model: ModelConfig, given: dict[str, Any], init_from: str | Path) ->
 
 def _refuse_disagreement(stored: ModelConfig, given: dict[str, Any], init_from: str | Path) -> None:
     fix = "a run from train.init_from builds that checkpoint's architecture: drop the key or start from another"
-    nested = {**dataclasses.asdict(stored), **given,
+    given = {k: v for k, v in given.items() if not (v is None and k in ("padded_vocab_size", "rope_scaling"))}
+    nested = {**dataclasses.asdict(stored), **given,  # null padding: "derived from TP"; a checkpoint's is fixed
               "rope_scaling": {**dataclasses.asdict(stored.rope_scaling), **given.get("rope_scaling", {})}}
     asked = model_config_from_dict(nested)
     for key in sorted(set(given) - APPLIED - NO_EFFECT):
-        if key == "padded_vocab_size" and given[key] is None:
-            continue  # "derived from TP", and a checkpoint's is fixed
         if key == "rope_scaling":
             for sub in sorted(given[key]):
                 theirs = getattr(stored.rope_scaling, sub)

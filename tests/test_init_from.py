@@ -15,13 +15,15 @@ pytestmark = pytest.mark.usefixtures("megatron_world")
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """The tiny model (hidden 64, 4 heads in 2 query groups, FFN 192 derived, context 32), and a
-    copy saved with QK-norm, a softmax scale and the length-aware temperature."""
+    """The tiny model (hidden 64, 4 heads in 2 query groups, FFN 192 derived, context 32), a copy
+    saved with QK-norm, a softmax scale and the length-aware temperature, and a 6-layer one."""
     root = tmp_path_factory.mktemp("init")
     model, recipe = tiny_model()
     tuned = tiny_model("model.qk_norm=true", "model.softmax_scale=0.5", "model.attention_temperature=log_length")
+    deep = tiny_model("model.num_layers=6")
     with distributed.session(single=True):
         checkpoint.save(model, recipe.model, root / "plain")
+        checkpoint.save(deep[0], deep[1].model, root / "deep")
         checkpoint.save(tuned[0], tuned[1].model, root / "tuned")
     return root
 
@@ -47,11 +49,18 @@ def test_the_checkpoint_decides_what_the_recipe_leaves_out(ckpt, tmp_path):
         True, 0.5, "log_length")
 
 
+def test_checks_meet_the_checkpoint_not_the_defaults(ckpt):
+    """The defaults have 4 layers: a recipe from a 6-layer checkpoint may keep RoPE in layer 5."""
+    assert load(ckpt / "deep", "model.phase=layers", "model.rope_layers=[5]").model.rope_layers == [5]
+    with pytest.raises(ConfigError, match="model.rope_layers has \\[6\\], outside 0..5"):
+        load(ckpt / "deep", "model.phase=layers", "model.rope_layers=[6]")
+
+
 def test_keys_that_agree_or_change_nothing_are_accepted(ckpt):
     load(ckpt / "plain", *TINY)  # the checkpoint's own shape, written out
     load(ckpt / "plain", "model.num_query_groups=2", "model.kv_channels=16", "model.ffn_hidden_size=192",
          "model.ffn_hidden_size=null", "model.init_method_std=1", "model.params_dtype=bfloat16",
-         "model.padded_vocab_size=null")
+         "model.padded_vocab_size=null", "model.rope_scaling=null")
 
 
 @pytest.mark.parametrize("override,message", [

@@ -4,6 +4,7 @@ indexed datasets (.bin/.idx, already tokenised), as token-id documents in a seed
 from __future__ import annotations
 
 import glob
+import logging
 from pathlib import Path
 from typing import Iterator
 
@@ -51,13 +52,15 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
                                   "not text: fix the data or set data.text_key")
             yield [*tokenizer.bos, *tokenizer.encode(text), tokenizer.eos_id]
     except (DatasetGenerationError, pyarrow.ArrowException) as exc:
-        cause = str(exc.__cause__ or exc).strip().splitlines()[0]
+        cause = exc.__cause__ or exc
+        cause = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
         raise ConfigError(f"data in {', '.join(d.paths)} cannot be read as {d.format} ({cause}): fix the file or "
                           "data.format") from None
 
 
 def _has_text(texts: list) -> list[bool]:
-    return [bool(t) for t in texts]
+    """Rows with no text are no documents; a value that is not text stays, for `documents` to refuse."""
+    return [t is not None and t != "" for t in texts]
 
 
 def _hf_dataset(d: DataConfig):
@@ -69,6 +72,8 @@ def _hf_dataset(d: DataConfig):
     if missing:
         raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
     builder = {"text": "text", "json": "json", "parquet": "parquet"}[d.format]
+    # Its json reader logs a parse error before raising it; `documents` turns the raise into one line.
+    datasets.utils.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     kwargs = {"sample_by": "document"} if d.format == "text" else {}  # one file = one document
     dataset = datasets.load_dataset(builder, data_files=list(d.paths), split="train", streaming=d.streaming,
                                     **kwargs)

@@ -59,7 +59,7 @@ def test_indexed_ids_beyond_the_models_vocabulary_are_refused(sources):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_unreadable_json_and_values_that_are_not_text_fail_in_one_line(tmp_path, streaming):
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    (tmp_path / "numbers.jsonl").write_text('{"text": "fine"}\n{"text": 5}\n')
+    (tmp_path / "numbers.jsonl").write_text('{"text": "fine"}\n{"text": 0}\n')  # falsy, yet not "no text"
     for name, message in (("broken", r"broken\.jsonl cannot be read as json \(JSON parse error: .* row 1\): fix the"),
                           ("numbers", r"numbers\.jsonl: a 'text' value is int, not text: fix the data or set")):
         d = DataConfig(paths=[str(tmp_path / f"{name}.jsonl")], format="json", streaming=streaming, shuffle=False)

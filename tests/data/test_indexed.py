@@ -55,4 +55,5 @@ def test_prepare_data_tool(tmp_path):
     broken = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "broken.jsonl"), "--tokenizer",
                   corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
     assert broken.returncode == 2 and "cannot be read as json (JSON parse error" in broken.stderr
-    assert "Traceback" not in broken.stderr and not (tmp_path / "bad").exists()
+    assert "Traceback" not in broken.stderr and "Failed to load JSON" not in broken.stderr
+    assert not (tmp_path / "bad").exists()
