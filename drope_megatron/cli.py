@@ -7,6 +7,7 @@ Heavy imports (torch, megatron-core) happen inside the subcommands, so `drope --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import sys
@@ -18,7 +19,7 @@ import yaml
 from drope_megatron import dtypes
 from drope_megatron.config import PHASES, ConfigError, load_recipe, recipe_to_dict
 
-BARS_OFF = "HF_DATASETS_DISABLE_PROGRESS_BARS"  # read by datasets at import
+BARS_OFF = "HF_DATASETS_DISABLE_PROGRESS_BARS"  # read by datasets at import, then it has priority
 EPILOG = "Overrides are dotted keys: train.lr=1e-4 model.phase=drope model.rope_layers=[0,3]"
 
 
@@ -309,20 +310,35 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor instead|`load_state_dict` is dep)")
     args = build_parser().parse_args(argv)
     args.own_process = own_process
-    quiet = getattr(args, "quiet", False)
-    before = os.environ.get(BARS_OFF)
-    if quiet:  # datasets' own bars too; an in-process caller gets its environment back
-        os.environ[BARS_OFF] = "1"
     try:
-        return args.func(args)
+        with _datasets_quiet(getattr(args, "quiet", False), own_process):
+            return args.func(args)
     except ConfigError as exc:
         print(f"drope: error: {exc}", file=sys.stderr)
         return 2
+
+
+@contextlib.contextmanager
+def _datasets_quiet(quiet: bool, own_process: bool):
+    """datasets' own progress bars off for the call. The `drope` process sets the variable datasets
+    reads at import (and imports nothing for it); an in-process caller gets its setting back
+    through datasets' API, since datasets reads the variable once and then lets it win."""
+    if not quiet:
+        yield
+        return
+    if own_process:
+        os.environ[BARS_OFF] = "1"
+        yield
+        return
+    import datasets
+
+    bars_were_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
     finally:
-        if quiet and before is None:
-            del os.environ[BARS_OFF]
-        elif quiet:
-            os.environ[BARS_OFF] = before
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -21,6 +21,11 @@ PROBE = ("import sys; from drope_megatron.cli import main; code = main(sys.argv[
 CALLER = ("import os, sys; from drope_megatron.cli import main; code = main(sys.argv[1:]); "
           "print('environment:', [os.environ.get(k) for k in ('TORCHDYNAMO_DISABLE', 'CUDA_VISIBLE_DEVICES', "
           "'HF_DATASETS_DISABLE_PROGRESS_BARS')]); sys.exit(code)")
+# A quiet in-process call in a process that has not imported datasets yet.
+FIRST_IMPORT = ("import sys; from drope_megatron.cli import _datasets_quiet\n"
+                "with _datasets_quiet(True, own_process=False):\n    import datasets\n"
+                "    print('during:', datasets.is_progress_bar_enabled())\n"
+                "print('after:', datasets.is_progress_bar_enabled())")
 
 
 def test_conversion_in_a_fresh_process_imports_no_compiler(tmp_path):
@@ -39,6 +44,23 @@ def test_a_caller_that_has_not_imported_torch_keeps_its_environment(tmp_path):
                 "--quiet"], HF_DATASETS_DISABLE_PROGRESS_BARS="0")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "environment: [None, None, '0']" in proc.stdout
+
+
+def test_datasets_first_imported_by_a_quiet_call_shows_its_bars_afterwards():
+    proc = run([sys.executable, "-c", FIRST_IMPORT])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "during: False" in proc.stdout and "after: True" in proc.stdout
+
+
+def test_a_quiet_call_silences_datasets_already_imported_and_restores_it():
+    import datasets
+
+    from drope_megatron.cli import _datasets_quiet
+
+    assert datasets.is_progress_bar_enabled()
+    with _datasets_quiet(True, own_process=False):
+        assert not datasets.is_progress_bar_enabled()
+    assert datasets.is_progress_bar_enabled()
 
 
 def test_an_in_process_conversion_leaves_the_environment_alone(tmp_path):
