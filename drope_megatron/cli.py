@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from drope_megatron import dtypes
-from drope_megatron.config import PHASES, ConfigError, load_recipe, recipe_to_dict
+from drope_megatron.config import PHASES, ConfigError, load_recipe, raw_recipe, recipe_to_dict
 
 BARS_OFF = "HF_DATASETS_DISABLE_PROGRESS_BARS"  # read by datasets at import, then it has priority
 EPILOG = "Overrides are dotted keys: train.lr=1e-4 model.phase=drope model.rope_layers=[0,3]"
@@ -70,12 +70,24 @@ def cmd_smoke(args) -> int:
     return 0
 
 
+def _train_phase(command: str, written: str | None, recipe) -> str:
+    """The phase `command` trains; a recipe that writes another one is refused, not overridden."""
+    if command == "pretrain":
+        if written not in (None, "rope"):
+            raise ConfigError(f"model.phase={written}, but drope pretrain trains with RoPE in every layer: drop the "
+                              f"key, or run drope recalibrate (from scratch without train.init_from) for {written}")
+        return "rope"
+    if written == "rope":
+        raise ConfigError("model.phase=rope, but drope recalibrate trains without RoPE: set model.phase=drope (or "
+                          "layers with model.rope_layers), or run drope pretrain to train with RoPE")
+    # Without RoPE everywhere, or only where model.rope_layers keeps it.
+    return "layers" if recipe.model.phase == "layers" else "drope"
+
+
 def cmd_train(args) -> int:
-    recipe = load_recipe(*_split_recipe(args))
-    if args.command == "pretrain":
-        phase = "rope"
-    else:  # recalibration trains without RoPE everywhere, or only where model.rope_layers keeps it
-        phase = "layers" if recipe.model.phase == "layers" else "drope"
+    path, overrides = _split_recipe(args)
+    recipe = load_recipe(path, overrides)
+    phase = _train_phase(args.command, (raw_recipe(path, overrides).get("model") or {}).get("phase"), recipe)
     from drope_megatron.train.loop import TrainingDiverged, train
 
     try:

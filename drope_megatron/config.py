@@ -31,6 +31,13 @@ class RopeScalingConfig:
     beta_fast: float = 32.0  # yarn
     beta_slow: float = 1.0  # yarn
 
+    def reads(self) -> frozenset[str]:
+        """The sub-keys besides `type` that this type of scaling uses."""
+        scaled = {"factor", "original_max_position_embeddings"}
+        by_type = {"none": set(), "linear": {"factor"}, "llama3": {*scaled, "low_freq_factor", "high_freq_factor"},
+                   "yarn": {*scaled, "beta_fast", "beta_slow"}}
+        return frozenset(by_type[self.type])
+
 
 @dataclass
 class ModelConfig:
@@ -192,11 +199,7 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), resolve_init
     """Read a YAML recipe (or the defaults when `path` is None), apply overrides, validate. Once
     `train.init_from` names an existing checkpoint, the model is that checkpoint's with the
     recipe's settings over it (`init_from.resolve`); `resolve_init=False` reads the file only."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        raw = read_yaml(Path(path))
-    for item in overrides:
-        apply_override(raw, item)
+    raw = raw_recipe(path, overrides)
     recipe = build(Recipe, raw, "")
     if resolve_init and recipe.train.init_from:
         from drope_megatron.init_from import resolve
@@ -205,6 +208,14 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), resolve_init
         recipe.model = resolve(recipe.model, raw.get("model") or {}, recipe.train.init_from)
     validate(recipe)
     return recipe
+
+
+def raw_recipe(path: str | Path | None, overrides: list[str] = ()) -> dict[str, Any]:
+    """A recipe as written: the YAML file (or nothing) with the overrides applied, before defaults."""
+    raw: dict[str, Any] = read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        apply_override(raw, item)
+    return raw
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:

@@ -35,13 +35,20 @@ def resolve(model: ModelConfig, given: dict[str, Any], init_from: str | Path) ->
         return model
     stored = checkpoint.model_config(init_from)
     _refuse_disagreement(stored, given, init_from)
-    return dataclasses.replace(
+    resolved = dataclasses.replace(
         stored, seq_length=model.seq_length if "seq_length" in given else stored.seq_length,
         phase=model.phase, rope_layers=model.rope_layers or stored.rope_layers, qk_norm=model.qk_norm or stored.qk_norm,
         softmax_scale=stored.softmax_scale if model.softmax_scale is None else model.softmax_scale,
         attention_temperature=model.attention_temperature if model.attention_temperature != "none"
         else stored.attention_temperature,
         fused_kernels=model.fused_kernels, attention_backend=model.attention_backend)
+    if "attention_temperature" not in given and stored.attention_temperature != "none" \
+            and resolved.attention_backend != "sdpa":
+        # Named here: validation's message would name a key this recipe does not write.
+        raise ConfigError(f"model.attention_backend={resolved.attention_backend}, but {init_from} uses "
+                          f"attention_temperature={stored.attention_temperature}, which needs attention_backend=sdpa: "
+                          "drop the key")
+    return resolved
 
 
 def _refuse_disagreement(stored: ModelConfig, given: dict[str, Any], init_from: str | Path) -> None:
@@ -52,11 +59,7 @@ def _refuse_disagreement(stored: ModelConfig, given: dict[str, Any], init_from: 
     asked = model_config_from_dict(nested)
     for key in sorted(set(given) - APPLIED - NO_EFFECT):
         if key == "rope_scaling":
-            for sub in sorted(given[key]):
-                theirs = getattr(stored.rope_scaling, sub)
-                if getattr(asked.rope_scaling, sub) != theirs:
-                    raise ConfigError(f"model.rope_scaling.{sub}={_yaml(given[key][sub])}, but {init_from} has "
-                                      f"{_yaml(theirs)}: {fix}")
+            _refuse_scaling(stored.rope_scaling, asked.rope_scaling, given[key], init_from, fix)
             continue
         attr, words = _DERIVED.get(key, (key, None))
         ours, theirs = getattr(asked, attr), getattr(stored, attr)
@@ -70,6 +73,18 @@ def _refuse_disagreement(stored: ModelConfig, given: dict[str, Any], init_from: 
         if key in given and given[key] == unset and getattr(stored, key) != unset:
             raise ConfigError(f"model.{key}={_yaml(unset)}, but {init_from} uses {getattr(stored, key)}, which a run "
                               "from it keeps: drop the key or set another value")
+
+
+def _refuse_scaling(stored, asked, given: dict[str, Any], init_from: str | Path, fix: str) -> None:
+    """The type first: a sub-key means something only under the type that reads it."""
+    for sub in sorted(given, key=lambda k: k != "type"):
+        theirs = getattr(stored, sub)
+        if getattr(asked, sub) == theirs:
+            continue
+        if sub != "type" and sub not in stored.reads():
+            raise ConfigError(f"model.rope_scaling.{sub}={_yaml(given[sub])} has no effect: {init_from} has RoPE "
+                              f"scaling {stored.type}, which does not read it: drop the key")
+        raise ConfigError(f"model.rope_scaling.{sub}={_yaml(given[sub])}, but {init_from} has {_yaml(theirs)}: {fix}")
 
 
 def _yaml(value: Any) -> Any:

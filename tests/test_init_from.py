@@ -16,12 +16,15 @@ pytestmark = pytest.mark.usefixtures("megatron_world")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """The tiny model (hidden 64, 4 heads in 2 query groups, FFN 192 derived, context 32), a copy
-    saved with QK-norm, a softmax scale and the length-aware temperature, and a 6-layer one."""
+    saved with QK-norm, a softmax scale and the length-aware temperature, a 6-layer one and one
+    with linear RoPE scaling."""
     root = tmp_path_factory.mktemp("init")
     model, recipe = tiny_model()
     tuned = tiny_model("model.qk_norm=true", "model.softmax_scale=0.5", "model.attention_temperature=log_length")
     deep = tiny_model("model.num_layers=6")
+    scaled = tiny_model("model.rope_scaling.type=linear", "model.rope_scaling.factor=2")
     with distributed.session(single=True):
+        checkpoint.save(scaled[0], scaled[1].model, root / "scaled")
         checkpoint.save(model, recipe.model, root / "plain")
         checkpoint.save(deep[0], deep[1].model, root / "deep")
         checkpoint.save(tuned[0], tuned[1].model, root / "tuned")
@@ -69,12 +72,28 @@ def test_keys_that_agree_or_change_nothing_are_accepted(ckpt):
     ("model.num_query_groups=null", r"model\.num_query_groups=null gives 4 query groups, but .*plain has 2 query groups"),
     ("model.ffn_hidden_size=256", r"model\.ffn_hidden_size=256, but .*plain has 192 FFN size"),
     ("model.tie_embeddings=false", r"model\.tie_embeddings=false, but .*plain has true"),
-    ("model.rope_scaling.factor=4", r"model\.rope_scaling\.factor=4(\.0)?, but .*plain has 1\.0"),
+    ("model.rope_scaling.factor=4", r"model\.rope_scaling\.factor=4(\.0)?, but .*scaled has 2\.0: a run from"),
+    # The type decides which sub-keys mean anything: it is compared first.
+    ("model.rope_scaling={type: yarn, factor: 4, original_max_position_embeddings: 32}",
+     r"model\.rope_scaling\.type=yarn, but .*scaled has linear"),
+    ("model.rope_scaling.beta_fast=16", r"model\.rope_scaling\.beta_fast=16(\.0)? has no effect: .*scaled has RoPE "
+                                       r"scaling linear, which does not read it: drop the key$"),
 ])
 def test_keys_that_disagree_are_refused(ckpt, override, message):
+    source = ckpt / ("scaled" if "rope_scaling" in override else "plain")
     with pytest.raises(ConfigError, match=message):
-        load(ckpt / "plain", override)
-    assert load(ckpt / "plain", override, resolve_init=False)  # reading the file alone (eval) does not check
+        load(source, override)
+    assert load(source, override, resolve_init=False)  # reading the file alone (eval) does not check
+    assert load(ckpt / "scaled", "model.rope_scaling.factor=2", "model.rope_scaling.beta_slow=1")  # they agree
+
+
+def test_a_stored_temperature_named_when_the_backend_cannot_run_it(ckpt):
+    """The temperature comes from the checkpoint: the message names it, not a key the recipe left out."""
+    with pytest.raises(ConfigError, match=r"^model\.attention_backend=megatron, but .*tuned uses "
+                                          r"attention_temperature=log_length, which needs attention_backend=sdpa"):
+        load(ckpt / "tuned", "model.attention_backend=megatron")
+    with pytest.raises(ConfigError, match=r"^model\.attention_temperature needs model\.attention_backend=sdpa"):
+        load(ckpt / "tuned", "model.attention_backend=megatron", "model.attention_temperature=log_length")
 
 
 @pytest.mark.parametrize("override", ["model.qk_norm=false", "model.softmax_scale=null",
