@@ -25,6 +25,7 @@ from typing import Any, Iterable
 from drope_megatron import atomic
 from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
                                    validate)
+from drope_megatron.typed_yaml import first_line
 
 META = "drope_checkpoint.json"
 FORMAT = "drope-megatron/1"
@@ -280,7 +281,7 @@ def _load(request: dict, weights: Path, whole: bool) -> dict:
     try:
         return dist_checkpointing.load(request, str(weights), validate_access_integrity=whole)
     except dist_checkpointing.core.CheckpointingException as exc:
-        raise ConfigError(f"{weights} does not match its metadata ({str(exc).splitlines()[0][:200]})") from None
+        raise ConfigError(f"{weights} does not match its metadata ({first_line(exc)[:200]})") from None
 
 
 def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_qk_norm: bool = False,

@@ -21,6 +21,12 @@ class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message is one line naming the key."""
 
 
+def first_line(exc: BaseException) -> str:
+    """What a one-line error quotes of a library's exception: its message's first line, or its
+    type's name when the message is empty."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist: pass the path of a YAML recipe")

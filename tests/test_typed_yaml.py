@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import pytest
 
-from drope_megatron.typed_yaml import ConfigError, apply_override, build, read_yaml
+from drope_megatron.typed_yaml import ConfigError, apply_override, build, first_line, read_yaml
 
 
 @dataclass
@@ -50,3 +50,8 @@ def test_each_problem_names_its_key(raw, message):
 def test_an_override_into_a_value_is_refused():
     with pytest.raises(ConfigError, match="override lr.x: lr is a value, not a section"):
         apply_override({"lr": 1.0}, "lr.x=2")
+
+
+def test_first_line_of_a_library_error():
+    assert first_line(OSError("  no such file\n  at line 3")) == "no such file"
+    assert first_line(RuntimeError()) == "RuntimeError"  # an empty message still names something

@@ -43,8 +43,8 @@ def _rope_scaling(rp: dict[str, Any], max_positions: int) -> RopeScalingConfig:
         if custom or rp.get("truncate", True) is False:
             raise ConfigError(f"YaRN with custom {sorted(custom) or ['truncate=False']} is not supported: "
                               "only the default attention factor 0.1*ln(factor)+1 maps onto megatron's YaRN")
-        return RopeScalingConfig(type="yarn", factor=factor, beta_fast=float(rp.get("beta_fast", 32.0)),
-                                 beta_slow=float(rp.get("beta_slow", 1.0)),
+        return RopeScalingConfig(type="yarn", factor=factor, beta_fast=float(rp.get("beta_fast") or 32.0),
+                                 beta_slow=float(rp.get("beta_slow") or 1.0),  # null: the default, as in transformers
                                  original_max_position_embeddings=int(
                                      rp.get("original_max_position_embeddings") or max_positions))
     raise ConfigError(f"rope_type {kind!r} is not supported: use a checkpoint with default, linear, llama3 or "

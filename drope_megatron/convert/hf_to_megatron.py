@@ -22,6 +22,7 @@ from drope_megatron.convert import hf_config, tensors
 from drope_megatron.convert.families import family_for
 from drope_megatron.convert.read_ahead import read_ahead
 from drope_megatron.convert.safetensors_io import SafetensorsReader
+from drope_megatron.typed_yaml import first_line
 
 IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 ZERO_O_BIAS = ".self_attn.o_proj.bias"  # attention_bias=True as this project exports it: all zero
@@ -35,7 +36,7 @@ def read_source(src: Path, allow_sliding_window: bool):
     try:
         cfg = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
     except (ValueError, KeyError) as exc:
-        raise ConfigError(f"{src}/config.json cannot be read by transformers ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{src}/config.json cannot be read by transformers ({first_line(exc)})") from None
     family = family_for(cfg.model_type)
     return cfg, family, hf_config.model_config_from_hf(cfg, family, allow_sliding_window)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from drope_megatron.config import ConfigError
 from drope_megatron.data.tokenizer import SENTENCEPIECE, TOKENIZER_FILES
+from drope_megatron.typed_yaml import first_line
 
 # Newlines, runs of spaces, digits, non-Latin text and byte fallback: where converters go wrong.
 PROBE = "The pass key is 12345.\n\nACT I.  SCENE 1 --  naïve café, 東京 🙂\tend"
@@ -40,7 +41,7 @@ def _from_sentencepiece(folder: Path) -> None:
         tok = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (ImportError, OSError, ValueError) as exc:
         raise ConfigError(f"cannot convert {folder / SENTENCEPIECE} for transformers "
-                          f"({str(exc).splitlines()[0]}): check that it is a sentencepiece model and that "
+                          f"({first_line(exc)}): check that it is a sentencepiece model and that "
                           "protobuf is installed") from None
     sp = sentencepiece.SentencePieceProcessor(model_file=str(folder / SENTENCEPIECE))
     if tok(PROBE, add_special_tokens=False)["input_ids"] != sp.encode(PROBE):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from drope_megatron import atomic
 from drope_megatron.config import ConfigError
+from drope_megatron.typed_yaml import first_line
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid", "heldout")
@@ -168,7 +169,7 @@ def _train_tokenizer(train: list[dict], vocab_size: int) -> bytes:
             pad_id=-1, unk_id=0, bos_id=1, eos_id=2, character_coverage=1.0,
             num_threads=2, minloglevel=2)
     except RuntimeError as exc:
-        raise ConfigError(f"sentencepiece could not train a {vocab_size}-piece vocabulary ({str(exc).splitlines()[0]}): "
+        raise ConfigError(f"sentencepiece could not train a {vocab_size}-piece vocabulary ({first_line(exc)}): "
                           "lower --vocab-size or raise --max-chars") from None
     return model.getvalue()
 
@@ -205,6 +206,8 @@ def build_corpus(out_dir: str | Path, vocab_size: int = 4096, max_chars: int | N
     if _cached(out_dir, params):
         return out_dir
     # Never replace a folder that is not a corpus: a mistyped --out must not delete someone's files.
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file, not a folder: choose another --out")
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "corpus.json").exists():
         raise ConfigError(f"{out_dir} exists and is not a corpus folder (no corpus.json): choose another --out")
     if max_chars is not None and max_chars <= 0:

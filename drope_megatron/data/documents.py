@@ -12,6 +12,7 @@ import numpy as np
 
 from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.tokenizer import Tokenizer
+from drope_megatron.typed_yaml import first_line
 
 
 SUFFIX_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # anything else: text
@@ -27,11 +28,12 @@ def file_format(paths: list[str]) -> str:
 
 def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
               start: int = 0, vocab_size: int | None = None) -> Iterator[list[int] | np.ndarray]:
-    """Token ids of the documents of one epoch from its `start`-th on (those before are skipped
-    unread, which is how a resumed run gets back to its place); text documents start with the
-    tokenizer's BOS if it adds one and end with the EOS. Already tokenised (Megatron) documents are
-    checked against `vocab_size`, when given: ids from another tokenizer would train silently on
-    the wrong embeddings (megatron's vocab-parallel layers mask ids beyond their range)."""
+    """Token ids of the documents of one epoch from its `start`-th on: those before are skipped
+    untokenised (a streamed source still reads them), which is how a resumed run gets back to its
+    place. Text documents start with the tokenizer's BOS if it adds one and end with the EOS.
+    Already tokenised (Megatron) documents are checked against `vocab_size`, when given: ids from
+    another tokenizer would train silently on the wrong embeddings (megatron's vocab-parallel
+    layers mask ids beyond their range)."""
     if d.format == "megatron":
         yield from _indexed(d, epoch, seed, start, vocab_size)
         return
@@ -52,8 +54,7 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
                                   "not text: fix the data or set data.text_key")
             yield [*tokenizer.bos, *tokenizer.encode(text), tokenizer.eos_id]
     except (DatasetGenerationError, pyarrow.ArrowException) as exc:
-        cause = exc.__cause__ or exc
-        cause = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+        cause = first_line(exc.__cause__ or exc)
         raise ConfigError(f"data in {', '.join(d.paths)} cannot be read as {d.format} ({cause}): fix the file or "
                           "data.format") from None
 

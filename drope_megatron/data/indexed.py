@@ -36,13 +36,17 @@ def write_indexed(docs: Iterable, prefix: str | Path, vocab_size: int) -> dict:
     try:
         for doc in itertools.chain([first], docs):
             ids = torch.as_tensor(np.asarray(doc, dtype=np.int64))
+            if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:  # uint16 would wrap them
+                raise ConfigError(f"document {count} has token id {int(ids.max())} outside the vocabulary of "
+                                  f"{vocab_size}: the tokenizer's ids exceed its size; check the tokenizer")
             builder.add_document(ids, [len(ids)])
             count += 1
             tokens += len(ids)
         builder.finalize(f"{tmp}.idx")
-        # An old .idx goes first and the new one comes last: a reader finds an index only beside
-        # the whole data it describes, never an old index beside new data.
+        # An old .idx (and its counts) go first and the new one comes last: a reader finds an index
+        # only beside the whole data it describes, never an old index beside new data.
         Path(f"{prefix}.idx").unlink(missing_ok=True)
+        Path(f"{prefix}.json").unlink(missing_ok=True)
         os.replace(f"{tmp}.bin", f"{prefix}.bin")
         os.replace(f"{tmp}.idx", f"{prefix}.idx")
     finally:

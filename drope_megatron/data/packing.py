@@ -42,7 +42,8 @@ class PackedBlocks:
                     block, self.carry = self.carry[:self.block_len], self.carry[self.block_len:]
                     produced = True
                     yield block
-            if whole_epoch and not produced and self.epoch == 0:
+            # Any epoch: data changed under a resumed run could otherwise leave this loop waiting forever.
+            if whole_epoch and not produced:
                 raise ConfigError(f"the dataset has {len(self.carry)} tokens, fewer than one block of "
                                   f"{self.block_len}: add data or lower model.seq_length")
             self.epoch, self.doc = self.epoch + 1, 0

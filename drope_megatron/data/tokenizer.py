@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from drope_megatron.config import ConfigError
+from drope_megatron.typed_yaml import first_line
 
 
 SENTENCEPIECE = "tokenizer.model"
@@ -56,7 +57,7 @@ def _hugging_face(path: Path) -> Tokenizer:
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"cannot load a tokenizer from {path} ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"cannot load a tokenizer from {path} ({first_line(exc)})") from None
     if tok.eos_token_id is None:
         raise ConfigError(f"tokenizer {path} has no eos_token: documents could not be separated")
     return Tokenizer(lambda text: tok(text, add_special_tokens=False)["input_ids"],

@@ -35,6 +35,7 @@ def markdown(results: dict, plots: list[str]) -> str:
     for label, info in results["models"].items():
         lines.append(f"- **{label}**: `{info['path']}` (phase {info['phase']}, trained at {info['train_length']} "
                      f"tokens)")
+    lines += _relative_lengths_note(results)
     for task in results["tasks"]:
         if not _has(results, task):
             continue
@@ -45,6 +46,17 @@ def markdown(results: dict, plots: list[str]) -> str:
             lines += _table(results, task, f"{task}: needle found, the answer's first token right (%)", "found")
     lines += [""] + [f"![{name}]({name})" for name in plots]
     return "\n".join(lines) + "\n"
+
+
+def _relative_lengths_note(results: dict) -> list[str]:
+    """A multiple like 2x is of each model's own training length: said where the models' differ."""
+    trained = {info["train_length"] for info in results["models"].values()}
+    relative = [text for text in results["lengths"] if text.endswith("x")]
+    if len(trained) < 2 or not relative:
+        return []
+    return ["", f"Note: the models train at different lengths ({', '.join(map(str, sorted(trained)))} tokens), so a "
+                f"column such as {relative[0]} holds a different token count for each (`length_tokens` in "
+                "results.json); give the lengths in tokens to compare models at equal lengths."]
 
 
 def _table(results: dict, task: str, title: str, key: str) -> list[str]:

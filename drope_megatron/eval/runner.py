@@ -2,7 +2,8 @@
 
 Models are Megatron checkpoints or Hugging Face folders. A RoPE model is evaluated as is and with
 each requested baseline (PI, NTK, YaRN) at every length; DroPE and per-layer models as they are.
-All models see the same documents and the same retrieval prompts (seeded by task, length, depth).
+All models see the same documents and the same retrieval prompts (seeded by task, length, depth)
+at each length in tokens; a multiple like 2x is of each model's own training length.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
             label, path = Path(spec).name, spec
         if label in models:
             raise ConfigError(f"two models are labelled {label!r}: name them with label=path")
+        if "+" in label:  # the report's rows are `label` and `label+method`: RoPE+pi would be ambiguous
+            raise ConfigError(f"model label {label!r} has a '+', which marks a baseline's row (RoPE+pi): "
+                              "name it with label=path")
         models[label] = Path(path)
         model_kind(models[label])
     return models

@@ -6,10 +6,12 @@ transformers `rope_parameters` for Hugging Face models. The factor is always tar
 length; at or below the training length every method is plain RoPE.
 
 - `pi`: position interpolation (transformers `linear`).
-- `ntk`: dynamic NTK (transformers `dynamic`), evaluated at the target length: the base grows to
-  base * (factor * L / L_train - (factor - 1)) ** (d / (d - 2)), d the rotary dimension. Both
-  backends use that fixed base: transformers' own `dynamic` would recompute it from the longest
-  input seen so far, so a prompt's result would depend on what was evaluated before it.
+- `ntk`: NTK-aware scaling at the factor s, as Dynamic NTK reaches it at the target length (the
+  YaRN paper's definition; transformers' `dynamic` with its own factor at 1): the base grows to
+  base * s ** (d / (d - 2)), d the rotary dimension, so the slowest rotation stretches by s. (Its
+  `dynamic` with factor s would grow it by (s^2 - s + 1) ** (d / (d - 2)): 57x at 8x, not 8x.)
+  Both backends use that fixed base: transformers' own `dynamic` would recompute it from the
+  longest input seen so far, so a prompt's result would depend on what was evaluated before it.
 - `yarn`: YaRN with beta_fast 32, beta_slow 1 and attention factor 0.1 ln(factor) + 1.
 """
 
@@ -43,7 +45,7 @@ def rotary_for(method: str, base: float, head_dim: int, train_length: int, lengt
     if method == "pi":
         return Rotary(base, RopeScalingConfig(type="linear", factor=s))
     if method == "ntk":
-        grown = base * (s * length / train_length - (s - 1)) ** (head_dim / (head_dim - 2))
+        grown = base * s ** (head_dim / (head_dim - 2))
         return Rotary(grown, RopeScalingConfig())
     if method == "yarn":
         return Rotary(base, RopeScalingConfig(type="yarn", factor=s, original_max_position_embeddings=train_length))

@@ -68,7 +68,8 @@ class SDPAttention(MegatronModule):
         sk = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         if self.temperature == "log_length":
-            q = q * self.length_factors(sq, sk, q.device, q.dtype).view(1, 1, sq, 1)
+            # In fp32: a bf16 factor moves in steps of 2^-7, so just past the training length it is 1.
+            q = (q.float() * self.length_factors(sq, sk, q.device).view(1, 1, sq, 1)).to(q.dtype)
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
         groups = np_ // k.shape[1]
         # SDPA's own GQA runs in the flash kernels only (half precision, no mask); elsewhere it would
@@ -82,11 +83,10 @@ class SDPAttention(MegatronModule):
         )
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
 
-    def length_factors(self, sq: int, sk: int, device, dtype) -> torch.Tensor:
-        """max(1, log(pos + 1) / log(train_length)) for the sq queries ending at position sk - 1."""
+    def length_factors(self, sq: int, sk: int, device) -> torch.Tensor:
+        """max(1, log(pos + 1) / log(train_length)) in fp32, for the sq queries ending at position sk - 1."""
         pos = torch.arange(sk - sq, sk, device=device, dtype=torch.float32)
-        factors = torch.log(pos + 1.0) / math.log(self.train_length)
-        return factors.clamp(min=1.0).to(dtype)
+        return (torch.log(pos + 1.0) / math.log(self.train_length)).clamp(min=1.0)
 
     @staticmethod
     def _mask(attention_mask, sq: int, sk: int, device):

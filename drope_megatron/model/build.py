@@ -2,8 +2,8 @@
 
 The spec is megatron-core's local GPT spec with two rooms swapped by composition: self
 attention becomes `DropeSelfAttention` (per-layer RoPE switch), core attention becomes
-`SDPAttention` unless `attention_backend=megatron`, and with `qk_norm` the q/k norms
-become the paper's full-width RMSNorm.
+`SDPAttention` unless `attention_backend=megatron`, and the q/k norms become the paper's
+full-width RMSNorm (`qk_norm`) or per-head norms whose gradient is summed over TP (`qk_head_norm`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from drope_megatron import compat, dtypes
 from drope_megatron.config import ModelConfig, ParallelConfig
 from drope_megatron.model.attention import DropeSelfAttention, SDPAttention
 from drope_megatron.model.gpt import DropeGPTModel
-from drope_megatron.model.qk_norm import FullWidthRMSNorm
+from drope_megatron.model.qk_norm import FullWidthRMSNorm, HeadRMSNorm
 
 def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
     dtype = dtypes.to_torch(m.params_dtype)
@@ -50,6 +50,8 @@ def layer_spec(m: ModelConfig) -> ModuleSpec:
         # Attention calls core_attention(...) directly, not via build_module: bind our options here.
         sub.core_attention = functools.partial(
             SDPAttention, temperature=m.attention_temperature, train_length=m.seq_length)
+    if m.qk_head_norm:
+        sub.q_layernorm = sub.k_layernorm = ModuleSpec(module=HeadRMSNorm)
     if m.qk_norm:
         sub.q_layernorm = ModuleSpec(module=FullWidthRMSNorm, params={"num_heads": m.num_attention_heads})
         sub.k_layernorm = ModuleSpec(module=FullWidthRMSNorm, params={"num_heads": m.groups})

@@ -1,14 +1,20 @@
-"""The paper's QK-norm: RMSNorm over the full query (and key) width, before the head split.
+"""Q/K norms that stay right under tensor parallelism.
 
-Megatron's own `qk_layernorm` normalises each head over head_dim; the DroPE variant takes
-one RMS over all num_heads * head_dim values of a token. Under tensor parallelism each rank
-holds a slice of the heads, so the sum of squares is all-reduced across the TP group, with
-an all-reduce in backward too (each rank's heads contribute to the shared RMS).
+`FullWidthRMSNorm` is the paper's QK-norm: one RMS over all num_heads * head_dim values of a
+token, not per head. Each TP rank holds a slice of the heads, so the sum of squares is
+all-reduced across the TP group, with an all-reduce in backward too (each rank's heads
+contribute to the shared RMS).
+
+`HeadRMSNorm` is the per-head norm over head_dim (Qwen3's, megatron's `qk_layernorm`). Its
+weight is whole on every rank while each rank normalises only its own heads, so the weight's
+gradient is summed over the TP group. Megatron sums it in its own gradient finalisation, which
+a DeepSpeed engine does not run.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
@@ -52,3 +58,16 @@ class FullWidthRMSNorm(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         state = self.state_dict(prefix="", keep_vars=True)
         return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)
+
+
+class HeadRMSNorm(torch.nn.RMSNorm):
+    """RMSNorm of [..., head_dim] per head, as megatron's local spec builds it, with its weight's
+    gradient summed over the TP group in backward (a copy into the TP region does that)."""
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps)
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = copy_to_tensor_model_parallel_region(self.weight) if self.tp > 1 else self.weight
+        return F.rms_norm(x, self.normalized_shape, weight, self.eps)

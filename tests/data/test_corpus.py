@@ -137,6 +137,8 @@ def test_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not a corpus folder"):
         build_corpus(tmp_path / "mine", vocab_size=VOCAB, max_chars=MAX_CHARS)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ConfigError, match="notes.txt is a file, not a folder: choose another --out"):
+        build_corpus(tmp_path / "mine" / "notes.txt", vocab_size=VOCAB, max_chars=MAX_CHARS)
 
     real_find_spec = corpus.importlib.util.find_spec
     monkeypatch.setattr(corpus.importlib.util, "find_spec",

@@ -31,6 +31,17 @@ def test_empty_input_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ids_outside_the_vocabulary_write_nothing(tmp_path):
+    """uint16 storage would wrap 65536 to 0: an id past the vocabulary is refused, not stored."""
+    write_indexed([[1, 2]], tmp_path / "set", vocab_size=100)
+    with pytest.raises(ConfigError, match="document 1 has token id 65536 outside the vocabulary of 65536"):
+        write_indexed([[1, 2], [3, 65536]], tmp_path / "set", vocab_size=2**16)
+    # The earlier dataset stays whole: its data, index and counts.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set.bin", "set.idx", "set.json"]
+    read = documents(DataConfig(paths=[str(tmp_path / "set")], format="megatron", shuffle=False), None, 0, 0)
+    assert [r.tolist() for r in read] == [[1, 2]]
+
+
 def test_prepare_data_tool(tmp_path):
     from tests.train.corpus import build
 

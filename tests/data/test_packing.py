@@ -28,6 +28,9 @@ def test_documents_are_concatenated_and_cut_into_blocks_epoch_after_epoch():
     assert _first(blocks, 4) == [[0, 7, 0], [8, 9, 1], [7, 1, 8], [9, 2, 7]]
     with pytest.raises(ConfigError, match="fewer than one block"):
         next(iter(PackedBlocks(lambda epoch, start: [[1, 2]][start:], 3)))
+    # Resumed in epoch 2 onto data that shrank below one block: an error, not an endless loop.
+    with pytest.raises(ConfigError, match="fewer than one block"):
+        next(iter(PackedBlocks(lambda epoch, start: [[1]][start:], 3, {"epoch": 2, "doc": 5, "carry": []})))
 
 
 def test_shuffle_window_spreads_a_long_document_and_replays_by_seed():

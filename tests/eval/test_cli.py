@@ -80,6 +80,9 @@ def test_model_specs_split_at_a_label_not_inside_a_path(checkpoints, tmp_path):
         "DroPE": swept, "RoPE": checkpoints["rope"]}
     with pytest.raises(ConfigError, match="two models are labelled 'lr=1e-4': name them with label=path"):
         parse_models([str(swept), str(swept)])
+    # RoPE's PI row is RoPE+pi: a model so labelled would overwrite it.
+    with pytest.raises(ConfigError, match="model label 'RoPE\\+pi' has a '\\+'"):
+        parse_models([f"RoPE={checkpoints['rope']}", f"RoPE+pi={swept}"])
 
 
 def test_niah_names_every_ruler_task_once_in_a_stable_order():

@@ -22,3 +22,12 @@ def test_tables_hold_the_measured_numbers():
     assert "| RoPE+yarn | - | - |" in tables["passkey: exact-match accuracy (%)"]
     assert "- **DroPE**: `runs/d` (phase drope, trained at 256 tokens)" in text
     assert text.rstrip().endswith("![ppl_vs_length.png](ppl_vs_length.png)")
+    assert "Note:" not in text  # one training length: 2x means one token count
+
+
+def test_relative_lengths_across_training_lengths_are_noted():
+    models = {"A": {"path": "a", "phase": "drope", "train_length": 256},
+              "B": {"path": "b", "phase": "rope", "train_length": 128}}
+    results = {"models": models, "tasks": ["ppl"], "lengths": ["512", "2x"], "rows": {}}
+    assert "different lengths (128, 256 tokens), so a column such as 2x holds" in markdown(results, [])
+    assert "Note:" not in markdown({**results, "lengths": ["512", "1024"]}, [])  # tokens are equal lengths

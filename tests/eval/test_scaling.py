@@ -32,7 +32,7 @@ def _hf_angles(method: str, length: int, base: float, head_dim: int):
 
     params = scaling.hf_rope_parameters(method, base, head_dim, TRAIN, length)
     if method == "ntk":  # transformers' dynamic NTK at this length (the baseline as defined), not our formula
-        dynamic = {"rope_type": "dynamic", "rope_theta": base, "factor": max(1.0, length / TRAIN)}
+        dynamic = {"rope_type": "dynamic", "rope_theta": base, "factor": 1.0}
         inv_freq, factor = ROPE_INIT_FUNCTIONS["dynamic"](config(dynamic), None, seq_len=length)
         # Our HF backend passes the grown base as plain RoPE: the same frequencies.
         assert params["rope_type"] == "default"

@@ -52,11 +52,13 @@ def test_log_length_temperature_is_one_inside_training_context():
 
 def test_length_factors_follow_log_ratio():
     core = hot_core(train_length=16)
-    f = core.length_factors(64, 64, "cpu", torch.float32)
+    f = core.length_factors(64, 64, "cpu")
     assert torch.all(f[:16] == 1.0)
     assert f[63].item() == pytest.approx(math.log(64) / math.log(16))
     # With a cache the queries are the last positions: their factors are the tail of the full ones.
-    torch.testing.assert_close(core.length_factors(4, 64, "cpu", torch.float32), f[-4:])
+    torch.testing.assert_close(core.length_factors(4, 64, "cpu"), f[-4:])
+    # fp32 whatever the model's dtype: in bf16, 1.003 (position 4199, trained at 4096) would round to 1.
+    assert hot_core(train_length=4096).length_factors(1, 4200, "cpu").item() == pytest.approx(1.00302, abs=1e-5)
 
 
 def hot_core(train_length):

@@ -9,6 +9,8 @@ from tests.helpers import TINY, drope, torchrun
 CASES = {
     "rope-drope-layers": (["model.rope_layers=[1]"], "rope,drope,layers"),
     "qk-norm": (["model.qk_norm=true"], "rope,drope"),
+    # Per-head norms are whole on every rank but see only its heads: their gradient is summed over TP.
+    "qk-head-norm": (["model.qk_head_norm=true"], "rope,drope"),
 }
 
 

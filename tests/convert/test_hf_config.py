@@ -1,0 +1,16 @@
+"""Hugging Face configs read into ours: RoPE scaling values as transformers itself reads them."""
+
+from __future__ import annotations
+
+from drope_megatron.convert.families import family_for
+from drope_megatron.convert.hf_config import model_config_from_hf
+from tests.convert.hf_models import hf_config
+
+
+def test_null_yarn_betas_are_transformers_defaults():
+    """transformers reads a null beta_fast / beta_slow as 32 / 1; a float(None) traceback it is not."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": None,
+               "beta_slow": None}
+    cfg = hf_config("llama", rope_scaling=scaling)
+    m = model_config_from_hf(cfg, family_for(cfg.model_type))
+    assert (m.rope_scaling.type, m.rope_scaling.beta_fast, m.rope_scaling.beta_slow) == ("yarn", 32.0, 1.0)
