@@ -70,28 +70,27 @@ def cmd_smoke(args) -> int:
     return 0
 
 
-def _train_phase(command: str, written: str | None, recipe) -> str:
-    """The phase `command` trains; a recipe that writes another one is refused, not overridden."""
+def _train_phase(command: str, written: str | None, recipe) -> tuple[str, str | None]:
+    """The phase `command` trains, and a note when the recipe writes another one. A note, not an
+    error: `drope config` prints every key, phase included, and its output must feed any command."""
     if command == "pretrain":
-        if written not in (None, "rope"):
-            raise ConfigError(f"model.phase={written}, but drope pretrain trains with RoPE in every layer: drop the "
-                              f"key, or run drope recalibrate (from scratch without train.init_from) for {written}")
-        return "rope"
-    if written == "rope":
-        raise ConfigError("model.phase=rope, but drope recalibrate trains without RoPE: set model.phase=drope (or "
-                          "layers with model.rope_layers), or run drope pretrain to train with RoPE")
+        note = (f"model.phase={written} does not apply: drope pretrain trains with RoPE in every layer (drope "
+                f"recalibrate without train.init_from trains a model from scratch in phase {written})")
+        return "rope", note if written not in (None, "rope") else None
+    note = ("model.phase=rope does not apply: drope recalibrate trains without RoPE (model.phase=layers keeps it "
+            "in model.rope_layers); drope pretrain trains with it")
     # Without RoPE everywhere, or only where model.rope_layers keeps it.
-    return "layers" if recipe.model.phase == "layers" else "drope"
+    return ("layers" if recipe.model.phase == "layers" else "drope"), note if written == "rope" else None
 
 
 def cmd_train(args) -> int:
     path, overrides = _split_recipe(args)
     recipe = load_recipe(path, overrides)
-    phase = _train_phase(args.command, (raw_recipe(path, overrides).get("model") or {}).get("phase"), recipe)
+    phase, note = _train_phase(args.command, (raw_recipe(path, overrides).get("model") or {}).get("phase"), recipe)
     from drope_megatron.train.loop import TrainingDiverged, train
 
     try:
-        last = train(recipe, phase, show_progress=not args.quiet)
+        last = train(recipe, phase, show_progress=not args.quiet, note=note)
     except TrainingDiverged as exc:
         print(f"drope: error: {exc}", file=sys.stderr)
         return 3
@@ -176,7 +175,9 @@ def cmd_demo(args) -> int:
     if args.recipe:
         demo.recipe = Path(args.recipe)
     report = demo.run()
-    if report.is_file():
+    if report is None:
+        print(f"[demo] stopped after {args.until}: {args.work}")
+    else:
         print(report.read_text(), end="")
         print(f"[demo] done: {report}")
     return 0

@@ -9,15 +9,20 @@
     export    the DroPE model as a Hugging Face folder           WORK/drope-hf
     report    WORK/report.md: stage times, tables, plots
 
-A stage whose output exists is reused, so a finished demo reruns in seconds and an interrupted
-one continues (training resumes from its last checkpoint). Every stage but the first two is the
-`drope` command a user would type, run as a child process; the report lists them.
+A stage is reused when its output exists and it was made from the same inputs (its settings,
+and the stage before it as it stands now), so a finished demo reruns in seconds and an
+interrupted one continues (training resumes from its last checkpoint). Changed inputs (another
+recipe, overrides, --smoke, --pretrain) rerun that stage and every one after it, from scratch.
+Every stage but the first two is the `drope` command a user would type, run as a child process;
+the report lists them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,26 +56,54 @@ class Demo:
     smoke: bool = False
     until: str = "report"
     overrides: list[str] = field(default_factory=list)  # dotted keys for the recalibration recipe
-    log: dict = field(default_factory=lambda: {"seconds": {}, "commands": {}})  # per stage, kept across reruns
+    # Per stage, kept across reruns: seconds, commands, the inputs it last started from, and when it
+    # was last made (the next stage's inputs hold that time, so a remade stage remakes what follows).
+    log: dict = field(default_factory=lambda: {"seconds": {}, "commands": {}, "inputs": {}, "made": {}})
 
-    def run(self) -> Path:
+    def run(self) -> Path | None:
+        """Run or reuse the stages up to `until`; the report's path when that stage was reached."""
         if self.until not in STAGES:
             raise ConfigError(f"--until {self.until!r}: use one of {', '.join(STAGES)}")
         self.work.mkdir(parents=True, exist_ok=True)
         log_path = self.work / "stages.json"
         if log_path.is_file():
-            self.log = json.loads(log_path.read_text())
+            self.log = {"inputs": {}, "made": {}, **json.loads(log_path.read_text())}
         for stage in STAGES[: STAGES.index(self.until) + 1]:
-            done = self._done(stage)
+            inputs = self._inputs(stage)
+            done = self._done(stage, inputs)
             print(f"[demo] {stage}: {'reused' if done else 'running'}", flush=True)
             if not done:
-                self._stage = stage
-                self.log["commands"][stage] = []
+                self._start(stage, inputs, log_path)
                 start = time.perf_counter()
                 getattr(self, f"_{stage}")()
                 self.log["seconds"][stage] = round(time.perf_counter() - start, 1)
+                self.log["made"][stage] = time.time()
                 atomic.write_json(log_path, self.log)
-        return self.work / "report.md"
+        return self.work / "report.md" if self.until == "report" else None
+
+    def _inputs(self, stage: str) -> dict:
+        """What a stage's output depends on, besides code: its settings and the stage before it."""
+        own = {"corpus": lambda: {"vocab": self._vocab(), "max_chars": SMOKE_CORPUS_CHARS if self.smoke else None},
+               "data": lambda: {"tokenizer": str(self._tokenizer()), "seq_length": self._seq_length()},
+               "rope": lambda: {"pretrain": _digest(self.pretrain_recipe) if self.pretrain else False,
+                                "smoke": self.smoke and self.pretrain},
+               "drope": lambda: {"recipe": _digest(self.recipe), "overrides": list(self.overrides), "smoke": self.smoke},
+               "eval": lambda: {"recipe": _digest(self.recipe), "smoke": self.smoke},
+               "export": dict, "report": lambda: {"smoke": self.smoke, "pretrain": self.pretrain}}[stage]()
+        before = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
+        return {**own, "after": self.log["made"].get(before)}
+
+    def _start(self, stage: str, inputs: dict, log_path: Path) -> None:
+        """Same inputs as the unfinished run before: continue it (training resumes). Other inputs:
+        start afresh, so that a resumed training never mixes two settings."""
+        if self.log["inputs"].get(stage) != inputs:
+            for folder in {"rope": ["pretrain"], "drope": ["drope"]}.get(stage, []):
+                shutil.rmtree(self.work / folder, ignore_errors=True)
+        self._stage = stage
+        self.log["commands"][stage] = []
+        self.log["inputs"][stage] = inputs
+        self.log["made"].pop(stage, None)  # until it finishes, whatever output it left is not this run's
+        atomic.write_json(log_path, self.log)
 
     # Where each stage leaves its result; the stage is skipped when this exists.
     def _output(self, stage: str) -> Path:
@@ -80,8 +113,10 @@ class Demo:
                 "eval": w / "eval" / "results.json", "export": w / "drope-hf" / "config.json",
                 "report": w / "report.md"}[stage]
 
-    def _done(self, stage: str) -> bool:
+    def _done(self, stage: str, inputs: dict) -> bool:
         if stage == "report":  # cheap: always rewritten from what the other stages left
+            return False
+        if stage not in self.log["made"] or self.log["inputs"].get(stage) != inputs:
             return False
         if stage == "data":  # rebuilt when the corpus or the mixture settings changed
             return mixture.is_built(self.work / "corpus", self._tokenizer(), self.work / "data", self._seq_length(),
@@ -157,3 +192,8 @@ class Demo:
 
     def _seq_length(self) -> int:
         return self._recipe_model().seq_length
+
+
+def _digest(path: Path) -> str:
+    """A recipe file's content, as a stage's input: an edited recipe is another input."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

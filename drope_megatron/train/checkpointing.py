@@ -3,13 +3,15 @@
     RUN/checkpoints/step00000100/   DeepSpeed files (model, optimizer, scheduler) + drope_state.json
     RUN/checkpoints/latest          the tag of the newest complete checkpoint
 
-`latest` moves (atomically) only after every rank has finished writing, so a crash mid-write
-leaves the previous checkpoint in charge; older tags beyond `keep_last` are removed after that.
+`latest` moves (atomically) only after every rank has finished writing and the checkpoint's bytes
+are on disk, so a crash mid-write (or a power loss just after) leaves the previous checkpoint in
+charge; older tags beyond `keep_last` are removed after that.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -58,9 +60,16 @@ def save(engine, ckpt_dir: Path, step: int, position: int, layout: dict[str, int
     client = {"step": step, "data_position": position, "rng": rng_state(), "data": data}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     dist.barrier()
+    # DeepSpeed's torch.save does not fsync. One process per node syncs what the node wrote
+    # (fsync flushes a file's cached pages whichever local process wrote them).
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        atomic.sync_tree(ckpt_dir / tag)
+    dist.barrier()
     if dist.get_rank() == 0:
         atomic.write_json(ckpt_dir / tag / STATE, {"step": step, "data_position": position, **layout})
+        atomic.sync_path(ckpt_dir / tag)  # STATE's name, before latest points here
         atomic.write_text(ckpt_dir / "latest", tag + "\n")
+        atomic.sync_path(ckpt_dir)  # latest's name, before an old tag goes
         _prune(ckpt_dir, tag, keep_last)
     dist.barrier()
     return tag

@@ -45,6 +45,7 @@ def deepspeed_config(t: TrainConfig, dp: int) -> dict[str, Any]:
         "gradient_accumulation_steps": t.global_batch_size // per_step,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": use_bf16(t)},
+        "fp16": {"enabled": False},  # fills Hugging Face templates' "enabled": "auto"
         "zero_optimization": {"stage": t.zero_stage},
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,  # our torch AdamW stays the optimizer, offloaded or not
@@ -80,7 +81,9 @@ def _well_formed(path: Path, theirs: Any) -> None:
     for block in ("bf16", "fp16", "zero_optimization", "data_types"):
         if block in theirs and not isinstance(theirs[block], dict):
             raise ConfigError(f"{path}: {block} must be an object, e.g. \"{block}\": {{...}}, not {theirs[block]!r}")
-    if (theirs.get("fp16") or {}).get("enabled", False) is not False:
+    if "bfloat16" in theirs:  # DeepSpeed's legacy name, read only when "bf16" is absent (it never is here)
+        raise ConfigError(f"{path}: rename the legacy \"bfloat16\" block to \"bf16\"")
+    if (theirs.get("fp16") or {}).get("enabled", False) not in (False, "auto"):
         raise ConfigError(f"{path}: fp16 is not supported (bf16 or fp32 only): remove the fp16 block and set "
                           "train.precision=bf16 for mixed precision")
 
@@ -119,6 +122,11 @@ def _agree(path: Path, merged: dict[str, Any], t: TrainConfig) -> None:
             raise ConfigError(f"{path}: remove its {block} block; the recipe's train section sets the {block}")
     if t.offload_optimizer and stage < 1:
         raise ConfigError(f"train.offload_optimizer needs ZeRO stage >= 1, and {path} has stage {stage}")
+    offload = merged["zero_optimization"].get("offload_optimizer") or {}
+    if t.offload_optimizer and offload.get("device", "none") in ("none", None):
+        raise ConfigError(f"{path}: zero_optimization.offload_optimizer={json.dumps(offload)} disagrees with "
+                          "train.offload_optimizer (true): set it to \"auto\" in the JSON or leave "
+                          "train.offload_optimizer at its default")
 
 
 def _fill_auto(theirs: Any, ours: Any) -> Any:

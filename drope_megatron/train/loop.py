@@ -74,8 +74,9 @@ def _tokenizer(recipe: Recipe, m: ModelConfig):
     return tok
 
 
-def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
-    """Run (or resume) the recipe's training; returns the last logged metrics."""
+def train(recipe: Recipe, phase: str, show_progress: bool = True, note: str | None = None) -> dict:
+    """Run (or resume) the recipe's training; returns the last logged metrics. `note`: a line for
+    the user, printed once (rank 0)."""
     t, p = recipe.train, recipe.parallel
     if p.pipeline_model_parallel_size != 1:
         raise ConfigError("training runs TP x data parallel; set parallel.pipeline_model_parallel_size=1")
@@ -104,6 +105,8 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True) -> dict:
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
+        if note and env.rank == 0:
+            print(f"drope: note: {note}", file=sys.stderr)
         if run_dir is None and env.rank == 0:  # legitimate for benchmarks; a mistake for a real run
             print("drope: note: train.save_dir is not set: this run keeps no checkpoint, metrics or final model",
                   file=sys.stderr)

@@ -45,6 +45,17 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert json.loads((work / "stages.json").read_text())["seconds"] == log["seconds"] | {
         "report": json.loads((work / "stages.json").read_text())["seconds"]["report"]}
 
+    # Another override: the recalibration starts afresh (no resume from the old run's checkpoints),
+    # the stages before it are reused, and the evaluation after it is stale and runs again.
+    changed = drope("demo", "--smoke", "--work", str(work), "--until", "drope", "train.lr=1e-3", timeout=180)
+    assert changed.returncode == 0, changed.stderr[-2000:]
+    assert all(f"[demo] {stage}: reused" in changed.stdout for stage in STAGES[:3])
+    assert "[demo] drope: running" in changed.stdout and "train.lr=1e-3" in changed.stdout
+    assert "drope: resuming" not in changed.stderr
+    assert f"[demo] stopped after drope: {work}" in changed.stdout and "# DroPE demo" not in changed.stdout
+    stale = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", timeout=180)
+    assert stale.returncode == 0 and "[demo] drope: reused" in stale.stdout and "[demo] eval: running" in stale.stdout
+
 
 def test_pretraining_here_until_the_rope_stage(tmp_path):
     """`--pretrain`: the RoPE model is trained here with the corpus's own tokenizer, exported to

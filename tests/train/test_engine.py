@@ -34,8 +34,11 @@ def test_the_json_decides_what_the_recipe_leaves_at_its_default(tmp_path):
     ({"optimizer": {"type": "Adam", "params": {"lr": 1}}}, {}, "remove its optimizer block"),
     ({"zero_optimization": {"stage": 0}}, {"offload_optimizer": True}, "offload_optimizer needs ZeRO stage >= 1"),
     ({"fp16": {"enabled": True}}, {}, "fp16 is not supported (bf16 or fp32 only)"),
-    ({"fp16": {"enabled": "auto"}}, {}, "fp16 is not supported"),
     ({"bf16": True}, {}, "bf16 must be an object"),
+    # DeepSpeed reads the legacy block only without "bf16", which the merge always has.
+    ({"bfloat16": {"enabled": True}}, {}, 'rename the legacy "bfloat16" block to "bf16"'),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "none"}}}, {"offload_optimizer": True},
+     'zero_optimization.offload_optimizer={"device": "none"} disagrees with train.offload_optimizer (true)'),
 ])
 def test_a_json_that_contradicts_the_recipe_is_refused(tmp_path, fields, recipe, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -49,6 +52,9 @@ def test_a_json_that_is_not_an_object_is_refused(tmp_path):
         deepspeed_config(TrainConfig(deepspeed_config=str(path)), dp=1)
     merged = deepspeed_config(TrainConfig(deepspeed_config=_json(tmp_path, fp16={"enabled": False})), dp=1)
     assert merged["fp16"] == {"enabled": False}  # fp16 off is fine
+    # Hugging Face's DeepSpeed templates say "auto": here that can only mean off.
+    merged = deepspeed_config(TrainConfig(deepspeed_config=_json(tmp_path, fp16={"enabled": "auto"})), dp=1)
+    assert merged["fp16"] == {"enabled": False}
 
 
 def test_no_weight_decay_on_norms_and_biases(megatron_world):

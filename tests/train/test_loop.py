@@ -62,7 +62,9 @@ def baseline(corpus, tmp_path_factory):
 def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     baseline = baseline[0]
     pre = tmp_path / "pre"
-    run(corpus, pre, "train.steps=6", "train.schedule=cosine", "train.warmup_steps=2")
+    # A recipe's phase never changes what a command trains; the user is told (`drope config` prints it).
+    proc = run(corpus, pre, "train.steps=6", "train.schedule=cosine", "train.warmup_steps=2", "model.phase=drope")
+    assert "drope: note: model.phase=drope does not apply: drope pretrain trains with RoPE" in proc.stderr
     seq, rows = losses(pre)
     assert len(seq) == 6 and seq[-1] < seq[0]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "rss_gib", "data_position"} <= set(rows[-1])
@@ -77,7 +79,8 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     bf16 = _bf16_copy(pre / "final", tmp_path / "bf16")  # as `hf-to-megatron` keeps a bf16 source
     rec = tmp_path / "rec"
     proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",
-               command="recalibrate")
+               "model.phase=rope", command="recalibrate")
+    assert "drope: note: model.phase=rope does not apply: drope recalibrate trains without RoPE" in proc.stderr
     assert "step 4: loss" in proc.stdout and "SmolLM3ForCausalLM" in proc.stdout
     assert "examples/s" not in proc.stderr  # --quiet: no progress bars from datasets either
     from transformers import AutoModelForCausalLM
