@@ -11,7 +11,7 @@ export DS_BUILD_OPS ?= 0
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-cpu.txt tools/install_system_deps.sh
-	bash tools/install_system_deps.sh $(PYTHON)
+	bash tools/install_system_deps.sh $(if $(wildcard $(BIN)/python),,$(PYTHON))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-cpu.txt -e .

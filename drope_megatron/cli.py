@@ -37,6 +37,13 @@ def _split_recipe(args) -> tuple[str | None, list[str]]:
 
 def cmd_config(args) -> int:
     recipe = load_recipe(*_split_recipe(args))
+    init = recipe.train.init_from
+    if init:
+        from drope_megatron.checkpoint import is_checkpoint
+
+        if not is_checkpoint(init):  # the run would build that checkpoint's model, not this one
+            print(f"drope: note: train.init_from {init} is not a checkpoint (yet): the model below is the "
+                  "recipe's own; once it is, its architecture replaces it", file=sys.stderr)
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     return 0
 

@@ -23,4 +23,3 @@ def test_subcommand_help(command):
 def test_no_subcommand_is_a_usage_error():
     proc = drope(timeout=60)
     assert proc.returncode == 2 and "usage: drope" in proc.stderr
-

@@ -121,3 +121,10 @@ def test_config_prints_resolved_yaml():
     printed = yaml.safe_load(proc.stdout)
     assert printed["train"]["lr"] == pytest.approx(2e-4)
     assert load_recipe(ROOT / "recipes/demo-cpu.yaml").model.num_layers == printed["model"]["num_layers"]
+
+
+def test_config_says_when_the_checkpoint_to_start_from_is_not_there_yet(tmp_path):
+    proc = drope("config", f"train.init_from={tmp_path / 'later'}", timeout=60)
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["model"]["hidden_size"] == 256
+    assert f"note: train.init_from {tmp_path / 'later'} is not a checkpoint (yet): the model below is the recipe's" \
+        in proc.stderr

@@ -36,8 +36,9 @@ def write_indexed(docs: Iterable, prefix: str | Path, vocab_size: int) -> dict:
     try:
         for doc in itertools.chain([first], docs):
             ids = torch.as_tensor(np.asarray(doc, dtype=np.int64))
-            if len(ids) and not 0 <= int(ids.min()) <= int(ids.max()) < vocab_size:  # uint16 would wrap them
-                raise ConfigError(f"document {count} has token id {int(ids.max())} outside the vocabulary of "
+            outside = ids[(ids < 0) | (ids >= vocab_size)]  # uint16 storage would wrap them
+            if len(outside):
+                raise ConfigError(f"document {count} has token id {int(outside[0])} outside the vocabulary of "
                                   f"{vocab_size}: the tokenizer's ids exceed its size; check the tokenizer")
             builder.add_document(ids, [len(ids)])
             count += 1

@@ -95,10 +95,15 @@ class Demo:
 
     def _start(self, stage: str, inputs: dict, log_path: Path) -> None:
         """Same inputs as the unfinished run before: continue it (training resumes). Other inputs:
-        start afresh, so that a resumed training never mixes two settings."""
-        if self.log["inputs"].get(stage) != inputs:
+        the training this demo ran before is removed, so that a resumed one never mixes two settings.
+        A run folder the demo has no record of making (a user's own run, an older demo) is kept."""
+        recorded = self.log["inputs"].get(stage)
+        if recorded is not None and recorded != inputs:
             for folder in {"rope": ["pretrain"], "drope": ["drope"]}.get(stage, []):
-                shutil.rmtree(self.work / folder, ignore_errors=True)
+                if (self.work / folder).exists():
+                    print(f"[demo] {stage}: its inputs changed: removing the earlier run {self.work / folder}",
+                          flush=True)
+                    shutil.rmtree(self.work / folder)
         self._stage = stage
         self.log["commands"][stage] = []
         self.log["inputs"][stage] = inputs
@@ -188,7 +193,11 @@ class Demo:
         return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}", *self.overrides]).model
 
     def _vocab(self) -> int:
-        return self._recipe_model().vocab_size
+        # The corpus's tokenizer is the pretraining's (the shipped model's too): not resolved against
+        # WORK/rope, which does not exist on a first run, so a rerun sees the same value.
+        from drope_megatron.config import load_recipe
+
+        return load_recipe(str(self.pretrain_recipe), resolve_init=False).model.vocab_size
 
     def _seq_length(self) -> int:
         return self._recipe_model().seq_length

@@ -93,8 +93,9 @@ def _position_plot(results: dict, path: Path) -> Path:
         if not ppl:
             continue
         longest = max(ppl.values(), key=lambda v: v["length_tokens"])
-        width = longest["bin_width"]
-        xs = [1 + i * width + width / 2 for i in range(len(longest["position_loss"]))]
+        width, last = longest["bin_width"], longest["length_tokens"] - 1  # losses at positions 1..last
+        # Each bin's middle position: bin i holds 1 + i * width .. (i + 1) * width, the last one less.
+        xs = [(1 + i * width + min(last, (i + 1) * width)) / 2 for i in range(len(longest["position_loss"]))]
         ax.plot(xs, longest["position_loss"], label=row)
     for info in results["models"].values():
         ax.axvline(info["train_length"], color="grey", linestyle="--", linewidth=1)

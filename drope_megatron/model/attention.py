@@ -68,7 +68,8 @@ class SDPAttention(MegatronModule):
         sk = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         if self.temperature == "log_length":
-            # In fp32: a bf16 factor moves in steps of 2^-7, so just past the training length it is 1.
+            # The factor in fp32: in bf16 it moves in steps of 2^-7, so just past the training length
+            # it would be exactly 1 for every query (the product is still rounded to q's dtype).
             q = (q.float() * self.length_factors(sq, sk, q.device).view(1, 1, sq, 1)).to(q.dtype)
         mask, causal = self._mask(attention_mask, sq, sk, q.device)
         groups = np_ // k.shape[1]

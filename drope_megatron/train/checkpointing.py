@@ -60,8 +60,9 @@ def save(engine, ckpt_dir: Path, step: int, position: int, layout: dict[str, int
     client = {"step": step, "data_position": position, "rng": rng_state(), "data": data}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     dist.barrier()
-    # DeepSpeed's torch.save does not fsync. One process per node syncs what the node wrote
-    # (fsync flushes a file's cached pages whichever local process wrote them).
+    # DeepSpeed's torch.save does not fsync. One process per node syncs the checkpoint's files:
+    # fsync flushes a file's cached pages whichever local process wrote them (and is cheap for the
+    # files other nodes wrote and synced).
     if int(os.environ.get("LOCAL_RANK", "0")) == 0:
         atomic.sync_tree(ckpt_dir / tag)
     dist.barrier()

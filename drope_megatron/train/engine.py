@@ -105,7 +105,9 @@ def _accumulation_dtype(config: dict[str, Any], source: str) -> dict[str, Any]:
 
 def _agree(path: Path, merged: dict[str, Any], t: TrainConfig) -> None:
     """The JSON decides what it gives as a value (not "auto"), unless the recipe sets the same thing
-    otherwise: then neither silently wins. The optimizer and schedule are always the recipe's."""
+    to another value than its default: then neither silently wins. (A recipe that writes the default
+    itself is not told apart from one that leaves it out.) The optimizer and schedule are always the
+    recipe's."""
     default = TrainConfig()
     stage = merged["zero_optimization"].get("stage", 0)
     checks = (("zero_optimization.stage", stage, t.zero_stage, t.zero_stage != default.zero_stage, "train.zero_stage"),
@@ -139,7 +141,8 @@ def _fill_auto(theirs: Any, ours: Any) -> Any:
 
 
 def scheduler(t: TrainConfig, optimizer):
-    """constant / cosine / warmup-stable-decay with linear warmup, from transformers' schedules."""
+    """constant / cosine / warmup-stable-decay with linear warmup (from 0; warmup-stable-decay's from
+    min_lr_ratio x lr), from transformers' schedules."""
     from transformers import optimization as sched
 
     if t.schedule == "constant":

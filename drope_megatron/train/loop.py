@@ -176,8 +176,10 @@ def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress)
             batch = stream.next_micro_batch().to(device, non_blocking=True)
             loss = engine(batch[:, :-1], positions, None, labels=batch[:, 1:]).float().mean()
             engine.backward(loss)
-            if logged and engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0:
-                # ZeRO-0 clips without reporting the norm; measure it the way DeepSpeed clips (TP-aware).
+            if logged and engine.is_gradient_accumulation_boundary() and engine.zero_optimization_stage() == 0 \
+                    and not engine.bfloat16_enabled():
+                # ZeRO-0 in fp32 clips without reporting the norm (its bf16 wrapper reports it);
+                # measure it the way DeepSpeed clips (TP-aware).
                 grad_norm = clip_grad_norm_(list(engine.module.parameters()), max_norm=float("inf"),
                                             mpu=ds_engine.MegatronMPU())
             engine.step()

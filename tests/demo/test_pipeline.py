@@ -51,6 +51,7 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert changed.returncode == 0, changed.stderr[-2000:]
     assert all(f"[demo] {stage}: reused" in changed.stdout for stage in STAGES[:3])
     assert "[demo] drope: running" in changed.stdout and "train.lr=1e-3" in changed.stdout
+    assert f"[demo] drope: its inputs changed: removing the earlier run {work / 'drope'}" in changed.stdout
     assert "drope: resuming" not in changed.stderr
     assert f"[demo] stopped after drope: {work}" in changed.stdout and "# DroPE demo" not in changed.stdout
     stale = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", timeout=180)
@@ -71,3 +72,20 @@ def test_pretraining_here_until_the_rope_stage(tmp_path):
     assert not (work / "drope").exists() and not (work / "eval").exists()
     bad = drope("demo", "--until", "train", "--work", str(work), timeout=60)
     assert bad.returncode == 2 and "--until 'train': use one of corpus, data" in bad.stderr
+
+
+def test_a_run_folder_the_demo_did_not_make_is_kept(tmp_path, capsys):
+    """A user's own `drope recalibrate` into WORK/drope (or an older demo's, with no record of its
+    inputs) is continued, never removed; the demo's own earlier run with other inputs is replaced."""
+    from drope_megatron.demo.pipeline import Demo
+
+    demo = Demo(work=tmp_path)
+    (tmp_path / "drope").mkdir()
+    (tmp_path / "drope" / "metrics.jsonl").write_text("{}\n")
+    demo._start("drope", {"overrides": ["train.lr=1e-3"]}, tmp_path / "stages.json")
+    assert (tmp_path / "drope" / "metrics.jsonl").is_file()
+    demo._start("drope", {"overrides": ["train.lr=1e-3"]}, tmp_path / "stages.json")  # same inputs: resumed
+    assert (tmp_path / "drope" / "metrics.jsonl").is_file()
+    demo._start("drope", {"overrides": []}, tmp_path / "stages.json")
+    assert not (tmp_path / "drope").exists() and "removing the earlier run" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stages.json").read_text())["inputs"]["drope"] == {"overrides": []}
