@@ -176,12 +176,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from drope_megatron.demo.pipeline import Demo
+    from drope_megatron.demo.pipeline import Demo, StageFailed
 
     demo = Demo(work=args.work, pretrain=args.pretrain, smoke=args.smoke, until=args.until, overrides=args.overrides)
     if args.recipe:
         demo.recipe = Path(args.recipe)
-    report = demo.run()
+    try:
+        report = demo.run()
+    except StageFailed as exc:  # the stage's own status: 3 still means the training diverged
+        print(f"drope: error: {exc}", file=sys.stderr)
+        return exc.code
     if report is None:
         print(f"[demo] stopped after {args.until}: {args.work}")
     else:

@@ -47,6 +47,14 @@ SMOKE_EVAL = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--documents", "1"
               "--depths", "0,1"]
 
 
+class StageFailed(ConfigError):
+    """A stage's command failed; `code` is its exit status (3: training diverged), the demo's too."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
 @dataclass
 class Demo:
     work: Path
@@ -183,8 +191,10 @@ class Demo:
         line = "drope " + " ".join(shlex.quote(a) for a in args)
         self.log["commands"][self._stage].append(line)
         print(f"[demo] $ {line}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            raise ConfigError(f"demo stage failed: drope {args[0]} (see above); rerun the demo to continue from here")
+        code = subprocess.run(cmd).returncode
+        if code != 0:
+            raise StageFailed(f"demo stage failed: drope {args[0]} (see above); rerun the demo to continue from here",
+                              code)
 
     def _recipe_model(self):
         from drope_megatron.config import load_recipe

@@ -56,6 +56,10 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert f"[demo] stopped after drope: {work}" in changed.stdout and "# DroPE demo" not in changed.stdout
     stale = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", timeout=180)
     assert stale.returncode == 0 and "[demo] drope: reused" in stale.stdout and "[demo] eval: running" in stale.stdout
+    # A stage that fails exits with its command's status: 3, the recalibration diverged.
+    diverged = drope("demo", "--smoke", "--work", str(work), "--until", "drope", "train.lr=1e12", timeout=180)
+    assert diverged.returncode == 3, diverged.stderr[-2000:]
+    assert "drope: error: demo stage failed: drope recalibrate" in diverged.stderr
 
 
 def test_pretraining_here_until_the_rope_stage(tmp_path):
