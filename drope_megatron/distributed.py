@@ -18,6 +18,7 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -120,6 +121,32 @@ def compute_device() -> torch.device:
     """Where this process computes: its GPU (chosen by `initialize`), else the CPU. Models are built
     on the host (use_cpu_initialization), so a caller moves its model here."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def data_parallel_share(items: list) -> list:
+    """This data-parallel rank's share of `items` (every dp-th, from its rank), all of them outside
+    a job. The TP ranks of one group get the same share, so their collectives stay paired."""
+    if not parallel_state.model_parallel_is_initialized():
+        return list(items)
+    return list(items)[parallel_state.get_data_parallel_rank()::parallel_state.get_data_parallel_world_size()]
+
+
+def data_parallel_sum(t: torch.Tensor) -> torch.Tensor:
+    """`t` summed over the data-parallel group (on this rank's device for NCCL), returned where it was."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return t
+    moved = t.to(compute_device())
+    dist.all_reduce(moved, group=parallel_state.get_data_parallel_group())
+    return moved.to(t.device)
+
+
+def data_parallel_gather(obj: Any) -> list:
+    """Every data-parallel rank's `obj`, in rank order (picklable values: small results, not tensors)."""
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+        return [obj]
+    out: list = [None] * parallel_state.get_data_parallel_world_size()
+    dist.all_gather_object(out, obj, group=parallel_state.get_data_parallel_group())
+    return out
 
 
 def backend_for(p: ParallelConfig) -> str:

@@ -2,7 +2,8 @@
 
 Every document is read from its start and must hold at least the longest length tested, so each
 length sees the same documents and no document is cut into unrelated pieces. The per-position
-curve (mean loss in position bins) shows where a model breaks past its training length.
+curve (mean loss in position bins) shows where a model breaks past its training length. In a job
+with data-parallel ranks (more processes than TP), each rank reads its share of the documents.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from drope_megatron.config import ConfigError, DataConfig
+from drope_megatron.distributed import data_parallel_share, data_parallel_sum
 from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.tokenizer import Tokenizer
 
@@ -49,9 +51,9 @@ def perplexity(backend, docs: list[list[int]], length: int, bins: int = 32, prog
                label: str = "") -> dict:
     """Perplexity over the first `length` tokens of each document, and mean loss per position bin."""
     total = torch.zeros(length - 1, dtype=torch.float64)
-    for doc in tqdm(docs, desc=f"ppl {label} {length}", disable=not progress, leave=False):
+    for doc in tqdm(data_parallel_share(docs), desc=f"ppl {label} {length}", disable=not progress, leave=False):
         total += token_losses(backend, doc[:length]).double()
-    per_position = total / len(docs)
+    per_position = data_parallel_sum(total) / len(docs)
     width = max(1, math.ceil((length - 1) / bins))
     curve = [per_position[i:i + width].mean().item() for i in range(0, length - 1, width)]
     mean = per_position.mean().item()

@@ -17,6 +17,7 @@ import random
 import torch
 from tqdm import tqdm
 
+from drope_megatron.distributed import data_parallel_gather, data_parallel_share
 from drope_megatron.eval.tasks import Sample, make_sample
 
 
@@ -49,16 +50,20 @@ def found(tokenizer, sample: Sample, predicted: list[int]) -> bool:
 
 def evaluate(backend, task_samples: list[Sample], progress: bool = False, label: str = "") -> dict:
     """Exact-match accuracy overall and per depth, the share of needles found, and the first
-    sample's prediction for the report."""
-    by_depth: dict[float, list[bool]] = {}
-    hits_found, example = [], None
-    for sample in tqdm(task_samples, desc=f"{label} {task_samples[0].task} {task_samples[0].length}",
-                       disable=not progress, leave=False):
+    sample's prediction for the report. Data-parallel ranks score a share of the samples each."""
+    mine = data_parallel_share(list(enumerate(task_samples)))
+    scored = []  # (index, depth, exact, found, the prediction's text)
+    for i, sample in tqdm(mine, desc=f"{label} {task_samples[0].task} {task_samples[0].length}",
+                          disable=not progress, leave=False):
         ok, predicted = score(backend, sample)
-        by_depth.setdefault(sample.depth, []).append(ok)
-        hits_found.append(found(backend.tokenizer, sample, predicted))
-        if example is None:
-            example = {"answer": sample.answer_text, "predicted": backend.tokenizer.decode(predicted).strip()}
+        scored.append((i, sample.depth, ok, found(backend.tokenizer, sample, predicted),
+                       backend.tokenizer.decode(predicted).strip()))
+    scored = sorted(row for share in data_parallel_gather(scored) for row in share)
+    by_depth: dict[float, list[bool]] = {}
+    for _, depth, ok, _, _ in scored:
+        by_depth.setdefault(depth, []).append(ok)
+    hits_found = [row[3] for row in scored]
+    example = {"answer": task_samples[0].answer_text, "predicted": scored[0][4]}
     hits = [h for hs in by_depth.values() for h in hs]
     return {"accuracy": sum(hits) / len(hits), "found": sum(hits_found) / len(hits), "samples": len(hits),
             "by_depth": {f"{d:g}": sum(hs) / len(hs) for d, hs in sorted(by_depth.items())}, "example": example}

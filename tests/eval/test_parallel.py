@@ -1,29 +1,56 @@
-"""`drope eval` at TP=2 under torchrun gives the numbers of TP=1."""
+"""`drope eval` under torchrun gives the numbers of one process: at TP=2, and with two
+data-parallel ranks that split the documents and prompts between them."""
 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from tests.helpers import drope, torchrun
 
-ARGS = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--baselines", "yarn", "--documents", "1", "--samples", "1",
-        "--depths", "0.5", "--quiet"]
+# Two documents and two prompts per cell: with two data-parallel ranks, each scores one.
+ARGS = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--baselines", "yarn", "--documents", "2", "--samples", "1",
+        "--depths", "0.25,0.75"]
 
 
-def test_tp2_eval_equals_tp1(checkpoints, corpus, tmp_path):
-    data = ["--data", str(corpus / "heldout.jsonl")]
-    one = drope("eval", str(checkpoints["rope"]), "--out", str(tmp_path / "tp1"), *ARGS, *data, timeout=180)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = torchrun(2, ["-m", "drope_megatron.cli", "eval", str(checkpoints["rope"]), "--tp", "2", "--out",
-                       str(tmp_path / "tp2"), *ARGS, *data], timeout=240)
+@pytest.fixture(scope="module")
+def heldout(corpus, tmp_path_factory):
+    """The corpus's long held-out document as two documents (its halves)."""
+    text = json.loads((corpus / "heldout.jsonl").read_text().splitlines()[0])["text"]
+    path = tmp_path_factory.mktemp("eval_data") / "halves.jsonl"
+    path.write_text("".join(json.dumps({"text": half}) + "\n" for half in (text[:len(text) // 2], text[len(text) // 2:])))
+    return path
+
+
+@pytest.fixture(scope="module")
+def one_process(checkpoints, heldout, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_one") / "report"
+    proc = drope("eval", str(checkpoints["rope"]), "--out", str(out), *ARGS, "--data", str(heldout), "--quiet",
+                 timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+@pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
+def test_two_processes_equal_one(checkpoints, heldout, one_process, tmp_path, tp):
+    two = torchrun(2, ["-m", "drope_megatron.cli", "eval", str(checkpoints["rope"]), "--tp", str(tp), "--out",
+                       str(tmp_path / "two"), *ARGS, "--data", str(heldout)], timeout=240)
     assert two.returncode == 0, two.stderr[-2000:]
-    a, b = (json.loads((tmp_path / d / "results.json").read_text())["rows"] for d in ("tp1", "tp2"))
+    # Rank 0's progress bars count its share: both documents and prompts at TP=2, one of each as one of
+    # two data-parallel ranks.
+    share = 2 if tp == 2 else 1
+    for bar in ("ppl rope 384", "rope passkey 384"):
+        assert re.search(rf"{bar}: +0%\|[^|]*\| 0/{share} ", two.stderr), two.stderr[-2000:]
+    a, b = one_process, json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
     assert list(a) == list(b) == ["rope", "rope+yarn"]
     for row in a:
         for length in ("1x", "2x"):
-            assert b[row]["ppl"][length]["ppl"] == pytest.approx(a[row]["ppl"][length]["ppl"], rel=1e-4)
-            assert b[row]["passkey"][length]["accuracy"] == a[row]["passkey"][length]["accuracy"]
+            ppl, passkey = b[row]["ppl"][length], b[row]["passkey"][length]
+            assert ppl["ppl"] == pytest.approx(a[row]["ppl"][length]["ppl"], rel=1e-4)
+            assert ppl["position_loss"] == pytest.approx(a[row]["ppl"][length]["position_loss"], rel=1e-4)
+            assert (ppl["documents"], passkey["samples"]) == (2, 2)  # counted once, whichever rank scored them
+            assert passkey["by_depth"] == a[row]["passkey"][length]["by_depth"]
             # the same greedy tokens, not only the same (random-model) score
-            assert b[row]["passkey"][length]["example"] == a[row]["passkey"][length]["example"]
+            assert passkey["example"] == a[row]["passkey"][length]["example"]
