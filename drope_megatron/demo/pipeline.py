@@ -192,9 +192,9 @@ class Demo:
         self.log["commands"][self._stage].append(line)
         print(f"[demo] $ {line}", flush=True)
         code = subprocess.run(cmd).returncode
-        if code != 0:
+        if code != 0:  # killed by a signal (negative): the shell's 128 + its number
             raise StageFailed(f"demo stage failed: drope {args[0]} (see above); rerun the demo to continue from here",
-                              code)
+                              code if code > 0 else 128 - code)
 
     def _recipe_model(self):
         from drope_megatron.config import load_recipe
