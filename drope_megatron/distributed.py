@@ -123,29 +123,42 @@ def compute_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def data_parallel_share(items: list) -> list:
+def _data_parallel(whole_model: bool) -> tuple[int, int, Any]:
+    """(rank, size, group) of the data-parallel ranks. With `whole_model` (a model every process
+    holds entire, such as a transformers one, which megatron's TP does not split) every process of
+    the world is one: its TP ranks would otherwise repeat each other's work."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1, None
+    if whole_model:
+        return dist.get_rank(), dist.get_world_size(), None  # None: the world group
+    return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_group())
+
+
+def data_parallel_share(items: list, whole_model: bool = False) -> list:
     """This data-parallel rank's share of `items` (every dp-th, from its rank), all of them outside
     a job. The TP ranks of one group get the same share, so their collectives stay paired."""
-    if not parallel_state.model_parallel_is_initialized():
-        return list(items)
-    return list(items)[parallel_state.get_data_parallel_rank()::parallel_state.get_data_parallel_world_size()]
+    rank, size, _ = _data_parallel(whole_model)
+    return list(items)[rank::size]
 
 
-def data_parallel_sum(t: torch.Tensor) -> torch.Tensor:
-    """`t` summed over the data-parallel group (on this rank's device for NCCL), returned where it was."""
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+def data_parallel_sum(t: torch.Tensor, whole_model: bool = False) -> torch.Tensor:
+    """`t` summed over the data-parallel ranks (on this rank's device for NCCL), returned where it was."""
+    _, size, group = _data_parallel(whole_model)
+    if size == 1:
         return t
     moved = t.to(compute_device())
-    dist.all_reduce(moved, group=parallel_state.get_data_parallel_group())
+    dist.all_reduce(moved, group=group)
     return moved.to(t.device)
 
 
-def data_parallel_gather(obj: Any) -> list:
+def data_parallel_gather(obj: Any, whole_model: bool = False) -> list:
     """Every data-parallel rank's `obj`, in rank order (picklable values: small results, not tensors)."""
-    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_data_parallel_world_size() == 1:
+    _, size, group = _data_parallel(whole_model)
+    if size == 1:
         return [obj]
-    out: list = [None] * parallel_state.get_data_parallel_world_size()
-    dist.all_gather_object(out, obj, group=parallel_state.get_data_parallel_group())
+    out: list = [None] * size
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 

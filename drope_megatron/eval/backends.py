@@ -44,6 +44,8 @@ def _tokenizer(path: Path) -> Tokenizer:
 class MegatronBackend:
     """Our DropeGPTModel from a Megatron checkpoint, through SDPA attention, full-vocabulary logits on every TP rank."""
 
+    whole_model = False  # split over the TP ranks, which compute each forward together
+
     def __init__(self, path: Path, dtype: str | None, tp: int):
         self.path = path
         self.model, self.config = checkpoint.load_model(
@@ -79,6 +81,8 @@ class MegatronBackend:
 
 class HFBackend:
     """A transformers causal LM (never trust_remote_code), SDPA attention."""
+
+    whole_model = True  # every process holds all of it: under --tp each process is a data-parallel rank
 
     def __init__(self, path: Path, dtype: str | None):
         from transformers import AutoConfig, AutoModelForCausalLM

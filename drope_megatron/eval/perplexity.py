@@ -51,9 +51,10 @@ def perplexity(backend, docs: list[list[int]], length: int, bins: int = 32, prog
                label: str = "") -> dict:
     """Perplexity over the first `length` tokens of each document, and mean loss per position bin."""
     total = torch.zeros(length - 1, dtype=torch.float64)
-    for doc in tqdm(data_parallel_share(docs), desc=f"ppl {label} {length}", disable=not progress, leave=False):
+    mine = data_parallel_share(docs, backend.whole_model)
+    for doc in tqdm(mine, desc=f"ppl {label} {length}", disable=not progress, leave=False):
         total += token_losses(backend, doc[:length]).double()
-    per_position = data_parallel_sum(total) / len(docs)
+    per_position = data_parallel_sum(total, backend.whole_model) / len(docs)
     width = max(1, math.ceil((length - 1) / bins))
     curve = [per_position[i:i + width].mean().item() for i in range(0, length - 1, width)]
     mean = per_position.mean().item()

@@ -51,14 +51,14 @@ def found(tokenizer, sample: Sample, predicted: list[int]) -> bool:
 def evaluate(backend, task_samples: list[Sample], progress: bool = False, label: str = "") -> dict:
     """Exact-match accuracy overall and per depth, the share of needles found, and the first
     sample's prediction for the report. Data-parallel ranks score a share of the samples each."""
-    mine = data_parallel_share(list(enumerate(task_samples)))
+    mine = data_parallel_share(list(enumerate(task_samples)), backend.whole_model)
     scored = []  # (index, depth, exact, found, the prediction's text)
     for i, sample in tqdm(mine, desc=f"{label} {task_samples[0].task} {task_samples[0].length}",
                           disable=not progress, leave=False):
         ok, predicted = score(backend, sample)
         scored.append((i, sample.depth, ok, found(backend.tokenizer, sample, predicted),
                        backend.tokenizer.decode(predicted).strip()))
-    scored = sorted(row for share in data_parallel_gather(scored) for row in share)
+    scored = sorted(row for share in data_parallel_gather(scored, backend.whole_model) for row in share)
     by_depth: dict[float, list[bool]] = {}
     for _, depth, ok, _, _ in scored:
         by_depth.setdefault(depth, []).append(ok)

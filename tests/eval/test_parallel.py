@@ -1,5 +1,6 @@
 """`drope eval` under torchrun gives the numbers of one process: at TP=2, and with two
-data-parallel ranks that split the documents and prompts between them."""
+data-parallel ranks that split the documents and prompts between them. A Hugging Face model,
+which TP does not split, is shared out over every process in both layouts."""
 
 from __future__ import annotations
 
@@ -25,26 +26,36 @@ def heldout(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_process(checkpoints, heldout, tmp_path_factory):
+def models(checkpoints, tmp_path_factory):
+    """Our RoPE checkpoint and its Hugging Face export."""
+    from drope_megatron.convert.megatron_to_hf import export
+
+    hf = tmp_path_factory.mktemp("eval_hf") / "hf"
+    export(checkpoints["rope"], hf, show_progress=False)
+    return [f"rope={checkpoints['rope']}", f"hf={hf}"]
+
+
+@pytest.fixture(scope="module")
+def one_process(models, heldout, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_one") / "report"
-    proc = drope("eval", str(checkpoints["rope"]), "--out", str(out), *ARGS, "--data", str(heldout), "--quiet",
-                 timeout=180)
+    proc = drope("eval", *models, "--out", str(out), *ARGS, "--data", str(heldout), "--quiet", timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads((out / "results.json").read_text())["rows"]
 
 
 @pytest.mark.parametrize("tp", [2, 1], ids=["tp2", "dp2"])
-def test_two_processes_equal_one(checkpoints, heldout, one_process, tmp_path, tp):
-    two = torchrun(2, ["-m", "drope_megatron.cli", "eval", str(checkpoints["rope"]), "--tp", str(tp), "--out",
+def test_two_processes_equal_one(models, heldout, one_process, tmp_path, tp):
+    two = torchrun(2, ["-m", "drope_megatron.cli", "eval", *models, "--tp", str(tp), "--out",
                        str(tmp_path / "two"), *ARGS, "--data", str(heldout)], timeout=240)
     assert two.returncode == 0, two.stderr[-2000:]
-    # Rank 0's progress bars count its share: both documents and prompts at TP=2, one of each as one of
-    # two data-parallel ranks.
-    share = 2 if tp == 2 else 1
-    for bar in ("ppl rope 384", "rope passkey 384"):
-        assert re.search(rf"{bar}: +0%\|[^|]*\| 0/{share} ", two.stderr), two.stderr[-2000:]
+    # Rank 0's progress bars count its share: both documents and prompts of our model at TP=2, one of
+    # each as one of two data-parallel ranks; one of each of the HF model's in both layouts.
+    shares = {"rope": 2 if tp == 2 else 1, "hf": 1}
+    for label, share in shares.items():
+        for bar in (f"ppl {label} 384", f"{label} passkey 384"):
+            assert re.search(rf"{bar}: +0%\|[^|]*\| 0/{share} ", two.stderr), two.stderr[-2000:]
     a, b = one_process, json.loads((tmp_path / "two" / "results.json").read_text())["rows"]
-    assert list(a) == list(b) == ["rope", "rope+yarn"]
+    assert list(a) == list(b) == ["rope", "rope+yarn", "hf", "hf+yarn"]
     for row in a:
         for length in ("1x", "2x"):
             ppl, passkey = b[row]["ppl"][length], b[row]["passkey"][length]
