@@ -58,6 +58,8 @@ def _refuse_unsupported(cfg, family: Family, allow_sliding_window: bool) -> None
         raise ConfigError("mlp_bias=True is not supported: megatron's MLP here has no biases")
     window = getattr(cfg, "sliding_window", None)
     active = getattr(cfg, "use_sliding_window", window is not None) and window is not None
+    if getattr(cfg, "layer_types", None) is not None:  # Qwen2/3: only layers past max_window_layers slide
+        active = window is not None and "sliding_attention" in cfg.layer_types
     if family.sliding_window and active and window < cfg.max_position_embeddings and not allow_sliding_window:
         raise ConfigError(f"the model uses sliding-window attention (window {window}); the Megatron model attends "
                           "to the full context: pass --ignore-sliding-window to convert it anyway")
@@ -116,7 +118,7 @@ def _refuse_inexpressible(m: ModelConfig) -> None:
 def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | None,
                          dtype: torch.dtype, token_ids: dict[str, int | None] | None = None):
     """The transformers config to write: the source family's (`arch="source"`) or SmolLM3 NoPE.
-    `token_ids` (bos/eos/pad) are a model's without a source, from its own tokenizer."""
+    `token_ids` (bos/eos/pad), from the model's own tokenizer, fill those its source leaves unset."""
     from transformers import CONFIG_MAPPING
 
     _refuse_inexpressible(m)
@@ -125,6 +127,9 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
     else:  # a model trained here: the plainest family that carries its tensors
         family = family_named("qwen3" if m.qk_head_norm else "qwen2" if m.qkv_bias else "llama")
     flags = rope_flags(m.phase, m.num_layers, m.rope_layers)
+    if not all(flags) and m.qk_head_norm:  # checked first: --arch nope, the fix below, cannot take them
+        raise ConfigError(f"the model is in phase {m.phase!r} with per-head q/k norms (Qwen3), which no stock "
+                          "transformers architecture has without RoPE; serve it from the Megatron checkpoint")
     if arch == "source" and not all(flags) and not family.per_layer_nope:
         raise ConfigError(f"the model is in phase {m.phase!r}, which {family.architecture} cannot express (it "
                           "always applies RoPE): export with --arch nope")
@@ -138,10 +143,11 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,
         num_key_value_heads=m.groups, head_dim=m.head_dim, rms_norm_eps=m.norm_epsilon, hidden_act="silu",
         tie_word_embeddings=m.tie_embeddings, max_position_embeddings=m.seq_length, **_hf_rope_kwargs(m))
-    # Token ids: the source model's; none at all rather than another family's defaults (SmolLM3's
-    # 128k ids would not even fit a small vocabulary).
-    hf = source["hf_config"] if source else (token_ids or {})
-    kwargs.update({k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    # Token ids: the source model's, else its tokenizer's; none at all rather than another family's
+    # defaults (SmolLM3's 128k ids would not even fit a small vocabulary).
+    hf, own = (source["hf_config"] if source else {}), token_ids or {}
+    kwargs.update({k: own.get(k) if hf.get(k) is None else hf[k] for k in ("bos_token_id", "eos_token_id",
+                                                                              "pad_token_id")})
     if "max_position_embeddings" in hf:
         kwargs["max_position_embeddings"] = hf["max_position_embeddings"]
     if m.qkv_bias and not family.qkv_bias:

@@ -28,15 +28,20 @@ IGNORED = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry
 ZERO_O_BIAS = ".self_attn.o_proj.bias"  # attention_bias=True as this project exports it: all zero
 
 
-def read_source(src: Path, allow_sliding_window: bool):
+def load_config(src: Path):
+    """The folder's transformers config (never remote code), or a one-line error."""
     from transformers import AutoConfig
 
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} has no config.json: pass a local Hugging Face model folder")
     try:
-        cfg = AutoConfig.from_pretrained(str(src), trust_remote_code=False)
-    except (ValueError, KeyError) as exc:
+        return AutoConfig.from_pretrained(str(src), trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:  # OSError: transformers' word for invalid JSON
         raise ConfigError(f"{src}/config.json cannot be read by transformers ({first_line(exc)})") from None
+
+
+def read_source(src: Path, allow_sliding_window: bool):
+    cfg = load_config(src)
     family = family_for(cfg.model_type)
     return cfg, family, hf_config.model_config_from_hf(cfg, family, allow_sliding_window)
 

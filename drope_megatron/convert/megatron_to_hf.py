@@ -35,7 +35,8 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
     if arch == "auto":
         arch = "source" if m.phase == "rope" else "nope"
     out_dtype = dtypes.to_torch(m.params_dtype if dtype == "auto" else dtype)
-    token_ids = None if meta.get("source") else _token_ids(src)
+    given = (meta.get("source") or {}).get("hf_config", {})
+    token_ids = _token_ids(src) if given.get("eos_token_id") is None else None
     cfg, family = hf_config.hf_config_for_export(m, arch, meta.get("source"), out_dtype, token_ids)
     from drope_megatron import distributed  # megatron-core loads only once the input is known good
 
@@ -64,8 +65,9 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
 
 
 def _token_ids(src: Path) -> dict[str, int | None] | None:
-    """bos/eos of the checkpoint's own tokenizer (a model trained here has no source config to take
-    them from; without an EOS id, `generate` would never stop)."""
+    """bos/eos of the checkpoint's own tokenizer, for the ids its source config does not give (a
+    model trained here has none; the demo's shipped model leaves them null): without an EOS id,
+    `generate` would never stop."""
     if not (src / "tokenizer").is_dir():
         return None
     from drope_megatron.data.tokenizer import load_tokenizer

@@ -29,13 +29,23 @@ _DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF1
                 torch.int64: "I64", torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(f"{index} is damaged ({type(exc).__name__}: {exc}): download it again") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConfigError(f"{index} is damaged (its weight_map is not tensor name -> file): download it again")
+    return weight_map
+
+
 class SafetensorsReader:
     """The tensors of a Hugging Face folder, read one at a time."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         if (folder / INDEX).is_file():
-            weight_map = json.loads((folder / INDEX).read_text())["weight_map"]
+            weight_map = _weight_map(folder / INDEX)
         elif (folder / SINGLE).is_file():
             with self._open(SINGLE) as shard:
                 weight_map = {name: SINGLE for name in shard.keys()}

@@ -14,6 +14,7 @@ from megatron.core import parallel_state
 
 from drope_megatron import atomic, distributed, dtypes
 from drope_megatron.config import ConfigError, ParallelConfig
+from drope_megatron.convert.hf_to_megatron import load_config
 from drope_megatron.convert.safetensors_io import SafetensorsReader
 from drope_megatron import checkpoint
 from drope_megatron.model.pipeline import forward_logits
@@ -25,8 +26,7 @@ def verify(hf_dir: Path, meg_dir: Path, tp: int = 1, pp: int = 1, batch: int = 2
     from transformers import AutoModelForCausalLM
 
     meta = checkpoint.read_meta(meg_dir)
-    if not (Path(hf_dir) / "config.json").is_file():
-        raise ConfigError(f"{hf_dir} has no config.json: pass a Hugging Face model folder")
+    _same_shape(load_config(Path(hf_dir)), meta["model"], hf_dir, meg_dir)
     SafetensorsReader(Path(hf_dir))  # refuses a folder without readable weights, before any work
     if batch < 1 or length < 1:
         raise ConfigError(f"--batch and --length must be at least 1 (got {batch} and {length})")
@@ -53,3 +53,13 @@ def verify(hf_dir: Path, meg_dir: Path, tp: int = 1, pp: int = 1, batch: int = 2
         if report is not None:
             atomic.write_json(report, result)
         return result
+
+
+def _same_shape(cfg, m: dict, hf_dir: Path, meg_dir: Path) -> None:
+    """Two models of other shapes are not a conversion to check (and would fail to run side by side)."""
+    for ours, name in (("vocab_size", "vocab_size"), ("num_layers", "num_hidden_layers"),
+                       ("hidden_size", "hidden_size")):
+        theirs = getattr(cfg, name, None)
+        if theirs != m[ours]:
+            raise ConfigError(f"{hf_dir} has {name}={theirs} but {meg_dir} has {ours}={m[ours]}: they are not the "
+                              "same model; pass the folder the checkpoint was converted from (or exported to)")

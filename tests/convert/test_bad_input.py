@@ -53,6 +53,12 @@ def shard_missing(folder):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def truncated_index(folder):
+    shard_missing(folder)
+    text = (folder / "model.safetensors.index.json").read_text()
+    (folder / "model.safetensors.index.json").write_text(text[: len(text) // 2])  # an interrupted download
+
+
 def only_pickle(folder):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
 
@@ -72,6 +78,9 @@ CASES = {
     "corrupt-header": (corrupt_header, [], "is corrupt or truncated"),
     "missing-shard": (shard_missing, [], "shard model-00002-of-00002.safetensors listed in"),
     "pickle-only": (only_pickle, [], "not loaded (unsafe)"),
+    "truncated-index": (truncated_index, [], "model.safetensors.index.json is damaged (JSONDecodeError"),
+    "config-not-json": (lambda f: (f / "config.json").write_text("{not json"), [],
+                        "config.json cannot be read by transformers"),
     "shape-mismatch": (edit_config(intermediate_size=80), [], "has shape [96, 64] but config.json implies [80, 64]"),
     "groups-vs-tp": (lambda f: None, ["--tp", "4"], "num_query_groups=2 is not divisible by "
                                                     "parallel.tensor_model_parallel_size=4"),
@@ -129,6 +138,10 @@ def test_damaged_checkpoints_and_bad_verify_input(good_hf, tmp_path):
     assert proc.returncode == 2 and "has no model.safetensors" in proc.stderr
     proc = drope("convert", "verify", str(good_hf), str(meg), "--length", "0")
     assert proc.returncode == 2 and "--length must be at least 1" in proc.stderr
+    other = tmp_path / "other"  # the wrong folder: another vocabulary (before: an IndexError inside the HF model)
+    save_hf_model(other, hf_config("llama", vocab_size=256))
+    proc = drope("convert", "verify", str(other), str(meg))
+    assert proc.returncode == 2 and f"{other} has vocab_size=256 but {meg} has vocab_size=300" in proc.stderr
     broken = tmp_path / "broken"
     shutil.copytree(meg, broken)
     shutil.rmtree(broken / "weights")
@@ -154,3 +167,16 @@ def test_export_of_a_non_checkpoint_is_refused(tmp_path):
     proc = drope("convert", "megatron-to-hf", str(tmp_path), str(tmp_path / "out"), "--quiet")
     assert proc.returncode == 2 and "is not a drope Megatron checkpoint" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_qwen_window_counts_only_where_a_layer_slides():
+    """Qwen2/3 slide only in layers past max_window_layers: with none there, the model is full attention."""
+    from drope_megatron.config import ConfigError
+    from drope_megatron.convert.families import family_for
+    from drope_megatron.convert.hf_config import model_config_from_hf
+
+    full = hf_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=2)  # both layers full
+    assert model_config_from_hf(full, family_for("qwen2")).num_layers == 2
+    sliding = hf_config("qwen2", use_sliding_window=True, sliding_window=16, max_window_layers=1)
+    with pytest.raises(ConfigError, match="uses sliding-window attention"):
+        model_config_from_hf(sliding, family_for("qwen2"))

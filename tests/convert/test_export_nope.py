@@ -75,7 +75,9 @@ def test_qwen2_biases_become_attention_bias_with_zero_o_bias_and_convert_back(tm
 
 @pytest.mark.parametrize("family,arch,message", [
     ("llama", "source", "LlamaForCausalLM cannot express"),
-    ("qwen3", "nope", "per-head q/k norms (Qwen3) have no stock NoPE architecture"),
+    # Either way the same reason (before, --arch source pointed to --arch nope, which refused too).
+    ("qwen3", "nope", "per-head q/k norms (Qwen3), which no stock transformers architecture has without RoPE"),
+    ("qwen3", "source", "per-head q/k norms (Qwen3), which no stock transformers architecture has without RoPE"),
 ])
 def test_inexpressible_exports_are_refused_and_leave_nothing(tmp_path, family, arch, message):
     drope_dir = dropped(tmp_path, family)
@@ -132,6 +134,25 @@ def test_a_model_trained_here_takes_its_token_ids_from_its_tokenizer(tmp_path):
     export(tmp_path / "own", tmp_path / "out", show_progress=False)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["eos_token_id"] == sp.eos_id() and written.get("pad_token_id") is None
+
+
+def test_ids_the_source_leaves_unset_come_from_the_tokenizer(tmp_path):
+    """The demo's shipped model has null bos/eos in its config: its DroPE export used to have no EOS."""
+    import sentencepiece
+
+    from drope_megatron.demo.pipeline import SHIPPED
+
+    assert json.loads((SHIPPED / "config.json").read_text())["eos_token_id"] is None
+    convert(SHIPPED, tmp_path / "meg", dtype="float32", show_progress=False)
+    with distributed.session(single=True):
+        model, m = checkpoint.load_model(tmp_path / "meg", ParallelConfig())
+        model.set_phase("drope")
+        checkpoint.save(model, m, tmp_path / "drope", extra={"source": checkpoint.read_meta(tmp_path / "meg")["source"]},
+                        tokenizer=tmp_path / "meg" / "tokenizer")
+    export(tmp_path / "drope", tmp_path / "out", show_progress=False)
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(SHIPPED / "tokenizer.model"))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["eos_token_id"] == sp.eos_id() == 2
 
 
 def test_model_trained_here_exports_as_llama(tmp_path):
