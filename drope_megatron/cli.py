@@ -29,10 +29,12 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _split_recipe(args) -> tuple[str | None, list[str]]:
-    # `drope config train.lr=1` has no recipe: the first positional is then an override.
-    if args.recipe is not None and "=" in args.recipe:
-        return None, [args.recipe, *args.overrides]
-    return args.recipe, list(args.overrides)
+    # `drope config train.lr=1` has no recipe: the first positional is then an override. A key has
+    # no `/`, so `sweep/lr=1e-4.yaml` (or an existing file `lr=3.yaml`) stays the recipe.
+    first = args.recipe
+    if first is not None and "=" in first and "/" not in first.partition("=")[0] and not Path(first).is_file():
+        return None, [first, *args.overrides]
+    return first, list(args.overrides)
 
 
 def cmd_config(args) -> int:
@@ -77,27 +79,34 @@ def cmd_smoke(args) -> int:
     return 0
 
 
-def _train_phase(command: str, written: str | None, recipe) -> tuple[str, str | None]:
-    """The phase `command` trains, and a note when the recipe writes another one. A note, not an
-    error: `drope config` prints every key, phase included, and its output must feed any command."""
+def _train_phase(command: str, written: dict, recipe) -> tuple[str, list[str]]:
+    """The phase `command` trains, and notes on what the recipe's model section (as `written`)
+    asks that does not apply. Notes, not errors: `drope config` prints every key, phase included,
+    and its output must feed any command."""
+    phase, asked = written.get("phase"), written.get("rope_layers")
     if command == "pretrain":
-        note = (f"model.phase={written} does not apply: drope pretrain trains with RoPE in every layer (drope "
-                f"recalibrate without train.init_from trains a model from scratch in phase {written})")
-        return "rope", note if written not in (None, "rope") else None
-    note = ("model.phase=rope does not apply: drope recalibrate trains without RoPE (model.phase=layers keeps it "
-            "in model.rope_layers); drope pretrain trains with it")
-    # Without RoPE everywhere, or only where model.rope_layers keeps it.
-    return ("layers" if recipe.model.phase == "layers" else "drope"), note if written == "rope" else None
+        trained, notes = "rope", [] if phase in (None, "rope") else [
+            f"model.phase={phase} does not apply: drope pretrain trains with RoPE in every layer (drope "
+            f"recalibrate without train.init_from trains a model from scratch in phase {phase})"]
+    else:  # without RoPE everywhere, or only where model.rope_layers keeps it
+        trained = "layers" if recipe.model.phase == "layers" else "drope"
+        notes = [] if phase != "rope" else [
+            "model.phase=rope does not apply: drope recalibrate trains without RoPE (model.phase=layers keeps it "
+            "in model.rope_layers); drope pretrain trains with it"]
+    if asked and trained != "layers":
+        notes.append(f"model.rope_layers={asked} does not apply: RoPE stays in those layers under model.phase=layers "
+                     f"only, and this run trains phase {trained}")
+    return trained, notes
 
 
 def cmd_train(args) -> int:
     path, overrides = _split_recipe(args)
     recipe = load_recipe(path, overrides)
-    phase, note = _train_phase(args.command, (raw_recipe(path, overrides).get("model") or {}).get("phase"), recipe)
+    phase, notes = _train_phase(args.command, raw_recipe(path, overrides).get("model") or {}, recipe)
     from drope_megatron.train.loop import TrainingDiverged, train
 
     try:
-        last = train(recipe, phase, show_progress=not args.quiet, note=note)
+        last = train(recipe, phase, show_progress=not args.quiet, notes=notes)
     except TrainingDiverged as exc:
         print(f"drope: error: {exc}", file=sys.stderr)
         return 3
@@ -198,7 +207,8 @@ def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="the whole story on a CPU: RoPE model, drop RoPE, recalibrate, evaluate, export",
                        description="Run the embedded demo as resumable stages in --work (corpus, data, rope, drope, "
                                    "eval, export, report); finished stages are reused.", epilog=EPILOG)
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="overrides of the recalibration recipe")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="recipe overrides: eval.* for the evaluation, the rest for the recalibration")
     p.add_argument("--work", type=Path, default=Path("runs/demo"), help="work folder (default runs/demo)")
     p.add_argument("--recipe", help="recalibration + evaluation recipe (default recipes/demo-cpu.yaml)")
     p.add_argument("--pretrain", action="store_true",

@@ -81,11 +81,11 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.kv_channels or self.hidden_size // self.num_attention_heads
+        return self.kv_channels if self.kv_channels is not None else self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or -(-8 * self.hidden_size // 3 // 64) * 64
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else -(-8 * self.hidden_size // 3 // 64) * 64
 
     def padded_vocab(self, tp: int) -> int:
         """Megatron pads the vocabulary so every TP rank holds an equal, aligned slice."""
@@ -142,7 +142,9 @@ class DataConfig:
     """Where training text comes from and how it is tokenised and packed."""
 
     paths: list[str] = field(default_factory=list)  # files (text/json/parquet) or Megatron .bin/.idx prefixes
-    format: Literal["text", "json", "parquet", "megatron", "hub"] = "text"  # hub: paths[0] is a dataset name
+    # auto: from the files (.json/.jsonl json, .parquet, a .bin/.idx prefix megatron, else text);
+    # hub: paths[0] is a dataset name.
+    format: Literal["auto", "text", "json", "parquet", "megatron", "hub"] = "auto"
     text_key: str = "text"
     tokenizer: Optional[str] = None  # a Hugging Face tokenizer folder or a sentencepiece .model file
     shuffle: bool = True  # documents in a seeded random order, reshuffled every epoch
@@ -233,7 +235,8 @@ def validate(recipe: Recipe) -> None:
     positive = {
         "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
         "model.num_attention_heads": m.num_attention_heads, "model.vocab_size": m.vocab_size,
-        "model.seq_length": m.seq_length, "model.head_dim": m.head_dim, "model.ffn_size": m.ffn_size,
+        "model.seq_length": m.seq_length, "model.ffn_hidden_size": m.ffn_size,
+        "model.kv_channels" if m.kv_channels is not None else "model.hidden_size / num_attention_heads": m.head_dim,
         "model.make_vocab_size_divisible_by": m.make_vocab_size_divisible_by,
         "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
         "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
@@ -265,7 +268,7 @@ def validate(recipe: Recipe) -> None:
                f"model.padded_vocab_size={m.padded_vocab_size} must be >= model.vocab_size and divisible by "
                f"TP={tp}: convert the checkpoint again with --tp {tp}")
     _validate_phase(m)
-    _validate_rope_scaling(m)
+    _validate_rope_scaling(m, own=not t.init_from)
     _check(m.softmax_scale is None or m.softmax_scale > 0, "model.softmax_scale must be positive")
     _check(m.attention_temperature == "none" or m.attention_backend == "sdpa",
            "model.attention_temperature needs model.attention_backend=sdpa")
@@ -308,14 +311,22 @@ def _validate_phase(m: ModelConfig) -> None:
     _check(not bad, f"model.rope_layers has {bad}, outside 0..{m.num_layers - 1}")
 
 
-def _validate_rope_scaling(m: ModelConfig) -> None:
-    rs = m.rope_scaling
+def _validate_rope_scaling(m: ModelConfig, own: bool) -> None:
+    """`own`: the recipe's model, not one from train.init_from, whose scaling is the checkpoint's
+    (`init_from` checks the sub-keys a recipe writes against it)."""
+    rs, default = m.rope_scaling, RopeScalingConfig()
+    for f in dataclasses.fields(rs) if own else ():  # a sub-key its type does not read would be ignored
+        value = getattr(rs, f.name)
+        _check(f.name == "type" or f.name in rs.reads() or value == getattr(default, f.name),
+               f"model.rope_scaling.{f.name}={value} has no effect with model.rope_scaling.type={rs.type}: "
+               "drop the key or set the type that reads it")
     if rs.type == "none":
         return
     _check(rs.factor >= 1.0, f"model.rope_scaling.factor={rs.factor} must be >= 1")
     if rs.type in ("llama3", "yarn"):
-        _check(rs.original_max_position_embeddings is not None,
-               f"model.rope_scaling.type={rs.type} needs model.rope_scaling.original_max_position_embeddings")
+        original = rs.original_max_position_embeddings
+        _check(original is not None and original > 0, f"model.rope_scaling.type={rs.type} needs a positive "
+               "model.rope_scaling.original_max_position_embeddings")
 
 
 def parse_length(text: str, train_length: int, key: str = "length") -> int:

@@ -37,7 +37,8 @@ def resolve(model: ModelConfig, given: dict[str, Any], init_from: str | Path) ->
     _refuse_disagreement(stored, given, init_from)
     resolved = dataclasses.replace(
         stored, seq_length=model.seq_length if "seq_length" in given else stored.seq_length,
-        phase=model.phase, rope_layers=model.rope_layers or stored.rope_layers, qk_norm=model.qk_norm or stored.qk_norm,
+        phase=model.phase, rope_layers=(model.rope_layers or stored.rope_layers) if model.phase == "layers" else None,
+        qk_norm=model.qk_norm or stored.qk_norm,
         softmax_scale=stored.softmax_scale if model.softmax_scale is None else model.softmax_scale,
         attention_temperature=model.attention_temperature if model.attention_temperature != "none"
         else stored.attention_temperature,

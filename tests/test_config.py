@@ -75,6 +75,15 @@ BAD = [
     (["model.phase=layers"], "model.phase=layers needs model.rope_layers"),
     (["model.rope_layers=[0,9]"], "model.rope_layers has [9]"),
     (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4"], "original_max_position_embeddings"),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+      "model.rope_scaling.original_max_position_embeddings=0"], "needs a positive model.rope_scaling.original_max"),
+    # Sub-keys the type does not read, and zero sizes: before, accepted and ignored (0 meant "derive it").
+    (["model.rope_scaling.factor=8"], "model.rope_scaling.factor=8.0 has no effect with model.rope_scaling.type=none"),
+    (["model.rope_scaling.type=linear", "model.rope_scaling.factor=2", "model.rope_scaling.beta_fast=8"],
+     "model.rope_scaling.beta_fast=8.0 has no effect with model.rope_scaling.type=linear"),
+    (["model.ffn_hidden_size=0"], "model.ffn_hidden_size=0 must be positive"),
+    (["model.kv_channels=0"], "model.kv_channels=0 must be positive"),
+    (["model.hidden_size=2"], "model.hidden_size / num_attention_heads=0 must be positive"),
     (["model.attention_backend=megatron", "model.attention_temperature=log_length"],
      "model.attention_temperature needs model.attention_backend=sdpa"),
     (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size=10 is not a multiple"),
@@ -113,6 +122,19 @@ def test_bad_recipe_files(tmp_path):
         proc = drope("config", str(path), timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_recipe_path_with_an_equals_sign_is_the_recipe(tmp_path):
+    # A sweep folder such as lr=1e-4/: before, its recipe was taken for an override of key "/tmp/.../lr".
+    recipe = tmp_path / "lr=1e-4" / "r.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("train:\n  lr: 1.0e-4\n")
+    proc = drope("config", str(recipe), "train.steps=5", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    printed = yaml.safe_load(proc.stdout)
+    assert printed["train"]["lr"] == pytest.approx(1e-4) and printed["train"]["steps"] == 5
+    missing = drope("config", str(tmp_path / "lr=2" / "r.yaml"), timeout=60)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
 
 
 def test_config_prints_resolved_yaml():

@@ -16,12 +16,12 @@ pytestmark = pytest.mark.usefixtures("megatron_world")
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     """The tiny model (hidden 64, 4 heads in 2 query groups, FFN 192 derived, context 32), a copy
-    saved with QK-norm, a softmax scale and the length-aware temperature, a 6-layer one and one
-    with linear RoPE scaling."""
+    saved with QK-norm, a softmax scale and the length-aware temperature, a 6-layer one (phase
+    layers, RoPE in layer 2) and one with linear RoPE scaling."""
     root = tmp_path_factory.mktemp("init")
     model, recipe = tiny_model()
     tuned = tiny_model("model.qk_norm=true", "model.softmax_scale=0.5", "model.attention_temperature=log_length")
-    deep = tiny_model("model.num_layers=6")
+    deep = tiny_model("model.num_layers=6", "model.phase=layers", "model.rope_layers=[2]")
     scaled = tiny_model("model.rope_scaling.type=linear", "model.rope_scaling.factor=2")
     with distributed.session(single=True):
         checkpoint.save(scaled[0], scaled[1].model, root / "scaled")
@@ -50,6 +50,12 @@ def test_the_checkpoint_decides_what_the_recipe_leaves_out(ckpt, tmp_path):
     assert load_recipe(tmp_path / "resolved.yaml") == recipe
     assert (recipe.model.qk_norm, recipe.model.softmax_scale, recipe.model.attention_temperature) == (
         True, 0.5, "log_length")
+
+
+def test_rope_layers_come_with_the_layers_phase_only(ckpt):
+    assert load(ckpt / "deep", "model.phase=layers").model.rope_layers == [2]  # the checkpoint's
+    # Before, a drope run from it carried [2] beside phase drope, into `drope config` and its checkpoint.
+    assert load(ckpt / "deep", "model.phase=drope").model.rope_layers is None
 
 
 def test_checks_meet_the_checkpoint_not_the_defaults(ckpt):

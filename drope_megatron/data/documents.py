@@ -3,6 +3,7 @@ indexed datasets (.bin/.idx, already tokenised), as token-id documents in a seed
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import logging
 from pathlib import Path
@@ -16,14 +17,30 @@ from drope_megatron.typed_yaml import first_line
 
 
 SUFFIX_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # anything else: text
+COMPRESSED = {".gz", ".bz2", ".xz", ".zst", ".lz4"}  # datasets reads through these: a.jsonl.gz is json
 
 
 def file_format(paths: list[str]) -> str:
-    """The one `DataConfig.format` of local files, from their suffixes."""
-    kinds = {SUFFIX_FORMATS.get(Path(p).suffix, "text") for p in paths}
+    """The one `DataConfig.format` of local files (or globs), from their suffixes; a path prefix
+    of a .bin/.idx pair is a Megatron dataset."""
+    kinds = {_kind(p) for p in paths}
     if len(kinds) != 1:
         raise ConfigError(f"the files mix kinds ({', '.join(sorted(kinds))}): pass files of one kind")
     return kinds.pop()
+
+
+def _kind(path: str) -> str:
+    if Path(path + ".bin").is_file() and Path(path + ".idx").is_file():
+        return "megatron"
+    suffixes = Path(path).suffixes
+    while suffixes and suffixes[-1] in COMPRESSED:
+        suffixes.pop()
+    return SUFFIX_FORMATS.get(suffixes[-1] if suffixes else "", "text")
+
+
+def resolved(d: DataConfig) -> DataConfig:
+    """`d` with `format: auto` decided from its files."""
+    return dataclasses.replace(d, format=file_format(d.paths)) if d.format == "auto" else d
 
 
 def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
@@ -34,6 +51,7 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
     Already tokenised (Megatron) documents are checked against `vocab_size`, when given: ids from
     another tokenizer would train silently on the wrong embeddings (megatron's vocab-parallel
     layers mask ids beyond their range)."""
+    d = resolved(d)
     if d.format == "megatron":
         yield from _indexed(d, epoch, seed, start, vocab_size)
         return
@@ -72,6 +90,9 @@ def _hf_dataset(d: DataConfig):
     missing = [p for p in d.paths if not (glob.glob(p) if glob.has_magic(p) else Path(p).exists())]
     if missing:
         raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
+    folders = [p for p in d.paths if Path(p).is_dir()]
+    if folders:  # datasets would say it cannot find a folder that is there
+        raise ConfigError(f"data path {folders[0]} is a folder: list its files, e.g. {folders[0]}/*.parquet")
     builder = {"text": "text", "json": "json", "parquet": "parquet"}[d.format]
     # Its json reader logs a parse error before raising it; `documents` turns the raise into one line.
     datasets.utils.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)

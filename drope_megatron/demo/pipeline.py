@@ -26,8 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import yaml
 
 from drope_megatron import atomic
 from drope_megatron.config import ConfigError
@@ -63,7 +65,7 @@ class Demo:
     pretrain: bool = False  # train the RoPE model here instead of converting the shipped one
     smoke: bool = False
     until: str = "report"
-    overrides: list[str] = field(default_factory=list)  # dotted keys for the recalibration recipe
+    overrides: list[str] = field(default_factory=list)  # dotted keys of the recipe: eval.* for eval, the rest drope
     # Per stage, kept across reruns: seconds, commands, the inputs it last started from, and when it
     # was last made (the next stage's inputs hold that time, so a remade stage remakes what follows).
     log: dict = field(default_factory=lambda: {"seconds": {}, "commands": {}, "inputs": {}, "made": {}})
@@ -72,6 +74,7 @@ class Demo:
         """Run or reuse the stages up to `until`; the report's path when that stage was reached."""
         if self.until not in STAGES:
             raise ConfigError(f"--until {self.until!r}: use one of {', '.join(STAGES)}")
+        self._eval_recipe_section()  # a bad eval.* override fails now, not after the training
         self.work.mkdir(parents=True, exist_ok=True)
         log_path = self.work / "stages.json"
         if log_path.is_file():
@@ -95,8 +98,8 @@ class Demo:
                "data": lambda: {"tokenizer": str(self._tokenizer()), "seq_length": self._seq_length()},
                "rope": lambda: {"pretrain": _digest(self.pretrain_recipe) if self.pretrain else False,
                                 "smoke": self.smoke and self.pretrain},
-               "drope": lambda: {"recipe": _digest(self.recipe), "overrides": list(self.overrides), "smoke": self.smoke},
-               "eval": lambda: {"recipe": _digest(self.recipe), "smoke": self.smoke},
+               "drope": lambda: {"recipe": _digest(self.recipe), "overrides": self._split()[0], "smoke": self.smoke},
+               "eval": lambda: {"recipe": _digest(self.recipe), "overrides": self._split()[1], "smoke": self.smoke},
                "export": dict, "report": lambda: {"smoke": self.smoke, "pretrain": self.pretrain}}[stage]()
         before = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
         return {**own, "after": self.log["made"].get(before)}
@@ -161,11 +164,15 @@ class Demo:
     def _drope(self) -> None:
         self._drope_cmd("recalibrate", str(self.recipe), *self._data_args(), f"train.init_from={self.work / 'rope'}",
                         f"train.save_dir={self.work / 'drope'}", *(SMOKE_RECAL if self.smoke else []),
-                        *self.overrides)
+                        *self._split()[0])
 
     def _eval(self) -> None:
+        recipe = self.recipe
+        if self._split()[1]:  # drope eval reads a recipe's eval section: this one, with the overrides in it
+            recipe = self.work / "eval-recipe.yaml"
+            atomic.write_text(recipe, yaml.safe_dump({"eval": self._eval_recipe_section()}, sort_keys=False))
         self._drope_cmd("eval", f"RoPE={self.work / 'rope'}", f"DroPE={self.work / 'drope' / 'final'}",
-                        "--recipe", str(self.recipe), "--data", str(self.work / "corpus" / "heldout.jsonl"),
+                        "--recipe", str(recipe), "--data", str(self.work / "corpus" / "heldout.jsonl"),
                         "--out", str(self.work / "eval"), "--overwrite", *(SMOKE_EVAL if self.smoke else []))
 
     def _export(self) -> None:
@@ -196,11 +203,22 @@ class Demo:
             raise StageFailed(f"demo stage failed: drope {args[0]} (see above); rerun the demo to continue from here",
                               code if code > 0 else 128 - code)
 
+    def _split(self) -> tuple[list[str], list[str]]:
+        """The overrides for the recalibration and those for the evaluation (eval.*): an eval
+        setting changes the evaluation only, not the training before it."""
+        evals = [o for o in self.overrides if o.startswith("eval.")]
+        return [o for o in self.overrides if o not in evals], evals
+
+    def _eval_recipe_section(self) -> dict:
+        from drope_megatron.config import load_recipe
+
+        return asdict(load_recipe(str(self.recipe), self._split()[1], resolve_init=False).eval)
+
     def _recipe_model(self):
         from drope_megatron.config import load_recipe
 
         # As the recalibration will read it: from this demo's RoPE checkpoint.
-        return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}", *self.overrides]).model
+        return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}", *self._split()[0]]).model
 
     def _vocab(self) -> int:
         # The corpus's tokenizer is the pretraining's (the shipped model's too): not resolved against

@@ -16,9 +16,11 @@ def headlines(results: dict) -> list[str]:
     """One line per comparison the paper makes, computed from the numbers (never asserted)."""
     rows, lines = results["rows"], []
     drope = rows.get("DroPE", {})
-    if "ppl" in drope and "ppl" in rows.get("RoPE", {}):
-        ours, theirs = drope["ppl"]["1x"]["ppl"], rows["RoPE"]["ppl"]["1x"]["ppl"]
-        lines.append(f"Perplexity at 1x: DroPE {ours:.2f} vs RoPE {theirs:.2f} ({100 * (ours / theirs - 1):+.1f} %).")
+    first = results["lengths"][0]  # the first length the recipe lists: 1x in the shipped ones
+    if first in drope.get("ppl", {}) and first in rows.get("RoPE", {}).get("ppl", {}):
+        ours, theirs = drope["ppl"][first]["ppl"], rows["RoPE"]["ppl"][first]["ppl"]
+        lines.append(f"Perplexity at {first}: DroPE {ours:.2f} vs RoPE {theirs:.2f} "
+                     f"({100 * (ours / theirs - 1):+.1f} %).")
     for task in results["tasks"]:
         if task == "ppl" or task not in drope:
             continue

@@ -106,7 +106,7 @@ class HFBackend:
         kind = "per-layer-type" if nested else self.rope.get("rope_type", "default")
         self.scaled = None if kind == "default" else kind  # a RoPE scaling the model already has
         self.train_length = int(self.rope.get("original_max_position_embeddings") or config.max_position_embeddings)
-        self.phase = _hf_phase(config)
+        self.phase = _hf_phase(config, getattr(self.model.base_model, "rotary_emb", None))
         self.vocab_size = config.vocab_size
         self.method = "none"
 
@@ -126,9 +126,10 @@ class HFBackend:
                                                                             self.train_length, length)}
         config.max_position_embeddings = self.max_positions if method == "none" else self.train_length
         owner = self.model.base_model
-        if not isinstance(getattr(owner, "rotary_emb", None), torch.nn.Module):
-            raise ConfigError(f"{self.path}: {type(self.model).__name__} has no shared rotary module to stretch; "
-                              "evaluate it without --baselines")
+        # A shared rotary module built from rope_parameters (GPT-J's has a fixed table and reads none).
+        if not hasattr(getattr(owner, "rotary_emb", None), "rope_type"):
+            raise ConfigError(f"{self.path}: {type(self.model).__name__} has no shared rotary module that reads "
+                              "rope_parameters, so there is nothing to stretch: evaluate it without --baselines")
         owner.rotary_emb = type(owner.rotary_emb)(config=config).to(self.device)
         self.method = method
 
@@ -138,8 +139,11 @@ class HFBackend:
         return out[..., : self.vocab_size]
 
 
-def _hf_phase(config) -> str:
-    """rope, drope (every layer NoPE, e.g. an exported DroPE model) or layers."""
+def _hf_phase(config, rotary) -> str:
+    """rope, drope (every layer NoPE, e.g. an exported DroPE model), layers, or other: no RoPE at
+    all (GPT-2's learned positions, Bloom's ALiBi), which the RoPE baselines do not apply to."""
+    if getattr(config, "rope_parameters", None) is None and not isinstance(rotary, torch.nn.Module):
+        return "other"
     nope = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 = RoPE, 0 = NoPE
     if nope is None:
         return "rope"

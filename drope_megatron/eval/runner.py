@@ -2,8 +2,9 @@
 
 Models are Megatron checkpoints or Hugging Face folders. A RoPE model is evaluated as is and with
 each requested baseline (PI, NTK, YaRN) at every length; DroPE and per-layer models as they are.
-All models see the same documents and the same retrieval prompts (seeded by task, length, depth)
-at each length in tokens; a multiple like 2x is of each model's own training length.
+All models see the same retrieval prompts (seeded by task, length, depth) at each length in
+tokens, and the same documents when their longest length in tokens is the same (documents are
+the first ones that hold it); a multiple like 2x is of each model's own training length.
 """
 
 from __future__ import annotations
@@ -74,9 +75,13 @@ def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = Fal
 def _evaluate(backend, label: str, e: EvalConfig, names: list[str], progress: bool) -> dict[str, dict]:
     lengths = {text: parse_length(text, backend.train_length, key="--lengths") for text in e.lengths}
     methods = ["none", *e.baselines] if backend.phase == "rope" and not backend.scaled else ["none"]
-    if e.baselines and backend.scaled and progress:
-        print(f"drope eval: {label} already uses {backend.scaled} RoPE scaling; baselines are run on plain RoPE "
-              "models only", file=sys.stderr)
+    why = f"already uses {backend.scaled} RoPE scaling" if backend.scaled else \
+        "has no RoPE" if backend.phase == "other" else None
+    if e.baselines and why and progress:
+        print(f"drope eval: {label} {why}; baselines are run on plain RoPE models only", file=sys.stderr)
+    for method in methods[1:]:  # a model that cannot take a method fails now, not after its first pass
+        backend.use(method, backend.train_length)
+    backend.use("none", backend.train_length)
     docs = (perplexity.long_documents(e.data, backend.tokenizer, max(lengths.values()), e.documents, e.text_key)
             if "ppl" in names else [])
     prompts = {(task, text): retrieval.samples(task, backend.tokenizer, tokens, e.depths, e.samples, e.seed)

@@ -86,7 +86,7 @@ def _prune(ckpt_dir: Path, tag: str, keep_last: int) -> None:
         shutil.rmtree(ckpt_dir / old, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | None:
+def load(engine, ckpt_dir: Path, layout: dict[str, Any]) -> dict[str, Any] | None:
     """Restore the newest complete checkpoint into the engine; None when there is none."""
     tag = latest_tag(ckpt_dir)
     if tag is None:
@@ -99,8 +99,8 @@ def load(engine, ckpt_dir: Path, layout: dict[str, int]) -> dict[str, Any] | Non
     changed = {k: (state[k], v) for k, v in layout.items() if state.get(k, v) != v}
     if changed:
         was = ", ".join(f"{k}={a} now {b}" for k, (a, b) in changed.items())
-        raise ConfigError(f"checkpoint {ckpt_dir / tag} was written with another layout ({was}): resume with the "
-                          "same phase, TP, data-parallel size and ZeRO stage, or start a new run directory")
+        raise ConfigError(f"checkpoint {ckpt_dir / tag} was written with other settings ({was}): resume with "
+                          "those, or start a new run directory")
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None:
         raise ConfigError(f"checkpoint {ckpt_dir / tag} could not be loaded: delete {ckpt_dir} to start over")

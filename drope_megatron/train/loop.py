@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 import torch
@@ -21,7 +22,7 @@ from tqdm import tqdm
 
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ModelConfig, Recipe
-from drope_megatron.data.documents import documents
+from drope_megatron.data.documents import documents, resolved
 from drope_megatron.data.packing import BatchStream, block_stream
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
@@ -53,8 +54,9 @@ def _model(recipe: Recipe, phase: str, ds_config: dict):
     else:
         m = dataclasses.replace(recipe.model, params_dtype=dtype)
         model = build_model(m, recipe.parallel)
-    model.set_phase(phase, recipe.model.rope_layers or m.rope_layers)
     m.phase = phase  # what this run trains (the checkpoint may have been saved in another phase)
+    m.rope_layers = (recipe.model.rope_layers or m.rope_layers) if phase == "layers" else None
+    model.set_phase(phase, m.rope_layers)
     m.params_dtype = dtype  # what the saved weights will be
     return model, m
 
@@ -74,14 +76,15 @@ def _tokenizer(recipe: Recipe, m: ModelConfig):
     return tok
 
 
-def train(recipe: Recipe, phase: str, show_progress: bool = True, note: str | None = None) -> dict:
-    """Run (or resume) the recipe's training; returns the last logged metrics. `note`: a line for
+def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[str] = ()) -> dict:
+    """Run (or resume) the recipe's training; returns the last logged metrics. `notes`: lines for
     the user, printed once (rank 0)."""
     t, p = recipe.train, recipe.parallel
     if p.pipeline_model_parallel_size != 1:
         raise ConfigError("training runs TP x data parallel; set parallel.pipeline_model_parallel_size=1")
     if not recipe.data.paths:
         raise ConfigError("data.paths is empty: list the training files (or a Megatron dataset prefix)")
+    recipe = dataclasses.replace(recipe, data=resolved(recipe.data))  # format: auto decided from the files
     needs_dir = [k for k, v in {"train.export_hf": t.export_hf, "train.tensorboard": t.tensorboard,
                                 "train.save_interval": t.save_interval}.items() if v]
     if needs_dir and not t.save_dir:
@@ -99,20 +102,21 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, note: str | No
         tok = _tokenizer(recipe, m)
         engine = ds_engine.initialize(model, t, ds_config)
         run_dir = Path(t.save_dir) if t.save_dir else None
-        layout = {"phase": m.phase, "tp": p.tensor_model_parallel_size, "dp": dp,
-                  "zero_stage": engine.zero_optimization_stage()}
+        layout = _layout(m, p, dp, engine, ds_config, t)
         client = checkpointing.load(engine, run_dir / "checkpoints", layout) if run_dir else None
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
-        if note and env.rank == 0:
+        for note in notes if env.rank == 0 else ():
             print(f"drope: note: {note}", file=sys.stderr)
         if run_dir is None and env.rank == 0:  # legitimate for benchmarks; a mistake for a real run
             print("drope: note: train.save_dir is not set: this run keeps no checkpoint, metrics or final model",
                   file=sys.stderr)
         saved = client.get("data") if client else None  # checkpoints before data states: replayed
-        made_from = {"model.seq_length": m.seq_length, "train.seed": t.seed, "data.format": recipe.data.format,
-                     "data.shuffle": recipe.data.shuffle}
+        d = recipe.data
+        made_from = {"model.seq_length": m.seq_length, "train.seed": t.seed, "data.format": d.format,
+                     "data.shuffle": d.shuffle, "data.paths": list(d.paths), "data.text_key": d.text_key,
+                     "data.streaming": d.streaming}  # streaming shuffles through a buffer: another order
         blocks = block_stream(lambda epoch, start: documents(recipe.data, tok, epoch, t.seed, start, m.vocab_size),
                               m.seq_length + 1, recipe.data.shuffle_window if recipe.data.shuffle else 0, t.seed,
                               saved, made_from)
@@ -154,6 +158,19 @@ def _export_hf(final: Path, dst: Path) -> None:
 def _source(recipe: Recipe) -> dict:
     init = recipe.train.init_from
     return {"source": checkpoint.read_meta(init)["source"]} if init and "source" in checkpoint.read_meta(init) else {}
+
+
+def _layout(m: ModelConfig, p, dp: int, engine, ds_config: dict, t) -> dict[str, Any]:
+    """What a checkpoint must have been written under to be resumed: the layout its optimizer
+    state is sharded by, the precision and offload its optimizer wrapper has, and the optimizer's
+    settings, which DeepSpeed restores from the checkpoint over the recipe's (Megatron-LM refuses
+    such a change too). The schedule is rebuilt from the recipe."""
+    offload = (ds_config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
+    return {"phase": m.phase, "tp": p.tensor_model_parallel_size, "dp": dp,
+            "zero_stage": engine.zero_optimization_stage(), "bf16": ds_config["bf16"]["enabled"] is True,
+            "offload_optimizer": offload not in (None, "none"), "train.lr": t.lr,
+            "train.weight_decay": t.weight_decay, "train.adam_beta1": t.adam_beta1,
+            "train.adam_beta2": t.adam_beta2, "train.adam_eps": t.adam_eps}
 
 
 def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress) -> dict:

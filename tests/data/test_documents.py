@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from drope_megatron.config import ConfigError, DataConfig
-from drope_megatron.data.documents import documents
+from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import Tokenizer
 
@@ -65,3 +65,27 @@ def test_unreadable_json_and_values_that_are_not_text_fail_in_one_line(tmp_path,
         d = DataConfig(paths=[str(tmp_path / f"{name}.jsonl")], format="json", streaming=streaming, shuffle=False)
         with pytest.raises(ConfigError, match=message):
             list(documents(d, CHARS, 0, seed=0))
+
+
+def test_the_format_is_told_by_the_paths_by_default(sources, tmp_path):
+    """Before, the default was text: a .jsonl file trained as raw JSON lines, as one document."""
+    import gzip
+
+    jsonl, prefix = sources["json"].paths[0], sources["megatron"].paths[0]
+    assert DataConfig().format == "auto"
+    for paths in ([jsonl], [prefix]):
+        assert len(list(documents(DataConfig(paths=paths), CHARS, 0, seed=1))) == 12
+    packed = tmp_path / "docs.jsonl.gz"
+    packed.write_bytes(gzip.compress(open(jsonl, "rb").read()))
+    assert file_format([str(packed)]) == "json" and file_format([str(tmp_path / "*.parquet")]) == "parquet"
+    assert file_format([str(tmp_path / "notes.txt")]) == "text"
+    assert [doc for doc in documents(DataConfig(paths=[str(packed)], shuffle=False), CHARS, 0, seed=0)][0][:8] == \
+        [ord(c) for c in "document"]
+    with pytest.raises(ConfigError, match=r"the files mix kinds \(json, megatron\)"):
+        list(documents(DataConfig(paths=[jsonl, prefix]), CHARS, 0, seed=1))
+
+
+def test_a_folder_is_refused_with_the_glob_to_use(tmp_path):
+    (tmp_path / "pq").mkdir()
+    with pytest.raises(ConfigError, match=f"data path {tmp_path / 'pq'} is a folder: list its files, e.g. "):
+        list(documents(DataConfig(paths=[str(tmp_path / "pq")], format="parquet"), CHARS, 0, seed=0))

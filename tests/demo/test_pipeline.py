@@ -56,6 +56,12 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert f"[demo] stopped after drope: {work}" in changed.stdout and "# DroPE demo" not in changed.stdout
     stale = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", timeout=180)
     assert stale.returncode == 0 and "[demo] drope: reused" in stale.stdout and "[demo] eval: running" in stale.stdout
+    # An eval.* override reaches the evaluation (through a recipe holding it) and reruns it alone.
+    seeded = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", "eval.seed=7",
+                   timeout=180)
+    assert seeded.returncode == 0, seeded.stderr[-2000:]
+    assert "[demo] drope: reused" in seeded.stdout and f"--recipe {work / 'eval-recipe.yaml'}" in seeded.stdout
+    assert json.loads((work / "eval" / "results.json").read_text())["seed"] == 7
     # A stage that fails exits with its command's status: 3, the recalibration diverged.
     diverged = drope("demo", "--smoke", "--work", str(work), "--until", "drope", "train.lr=1e12", timeout=180)
     assert diverged.returncode == 3, diverged.stderr[-2000:]
@@ -76,6 +82,10 @@ def test_pretraining_here_until_the_rope_stage(tmp_path):
     assert not (work / "drope").exists() and not (work / "eval").exists()
     bad = drope("demo", "--until", "train", "--work", str(work), timeout=60)
     assert bad.returncode == 2 and "--until 'train': use one of corpus, data" in bad.stderr
+    # A bad eval.* override is refused before any stage runs, not after the training.
+    early = drope("demo", "--work", str(tmp_path / "other"), "eval.lengths=[]", timeout=60)
+    assert early.returncode == 2 and "eval.lengths and eval.tasks must not be empty" in early.stderr
+    assert not (tmp_path / "other").exists()
 
 
 def test_a_run_folder_the_demo_did_not_make_is_kept(tmp_path, capsys):

@@ -17,11 +17,11 @@ from tests.eval.conftest import VOCAB
 TRAIN = 32
 
 
-def _save(folder, family: str, vocab_size: int = 100, **extra):
+def _save(folder, family: str, vocab_size: int = 100, positions: int = TRAIN, **extra):
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     cfg = CONFIG_MAPPING[family](vocab_size=vocab_size, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=4, max_position_embeddings=TRAIN, **extra)
+                                 num_attention_heads=4, max_position_embeddings=positions, **extra)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(str(folder))
     return folder
@@ -70,3 +70,23 @@ def test_megatron_backend_runs_the_output_layer_on_kept_positions_only(checkpoin
     assert seen == [40, 3] and kept.shape == (1, 3, VOCAB)
     torch.testing.assert_close(kept, plain[:, -3:])
     assert torch.equal(backend.logits(ids), plain)  # the slicing hook is gone afterwards
+
+
+def test_a_model_without_rope_is_evaluated_without_baselines(tmp_path, corpus, capsys):
+    folder = _save(tmp_path / "gpt2", "gpt2", vocab_size=VOCAB, positions=256)  # learned absolute positions
+    (folder / "tokenizer.model").write_bytes((corpus / "tokenizer.model").read_bytes())
+    e = EvalConfig(lengths=["256"], tasks=["passkey"], baselines=["pi"], depths=[0.5], samples=1)
+    results = runner.run({"gpt2": folder}, e, tmp_path / "report", progress=True)
+    assert list(results["rows"]) == ["gpt2"] and results["models"]["gpt2"]["phase"] == "other"
+    assert "gpt2 has no RoPE; baselines are run on plain RoPE models only" in capsys.readouterr().err
+
+
+def test_baselines_a_model_cannot_take_are_refused_before_any_evaluation(tmp_path, corpus):
+    # GPT-J's rotary table is fixed at its 32 positions and reads no rope_parameters: before, the
+    # plain pass at 256 tokens ran first and failed with an IndexError.
+    folder = _save(tmp_path / "gptj", "gptj", vocab_size=VOCAB, rotary_dim=8)
+    (folder / "tokenizer.model").write_bytes((corpus / "tokenizer.model").read_bytes())
+    e = EvalConfig(lengths=["256"], tasks=["passkey"], baselines=["pi"], depths=[0.5], samples=1)
+    with pytest.raises(ConfigError, match="no shared rotary module that reads rope_parameters"):
+        runner.run({"gptj": folder}, e, tmp_path / "report", progress=False)
+    assert not (tmp_path / "report").exists()

@@ -79,15 +79,17 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     bf16 = _bf16_copy(pre / "final", tmp_path / "bf16")  # as `hf-to-megatron` keeps a bf16 source
     rec = tmp_path / "rec"
     proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",
-               "model.phase=rope", command="recalibrate")
+               "model.phase=rope", "model.rope_layers=[0]", command="recalibrate")
     assert "drope: note: model.phase=rope does not apply: drope recalibrate trains without RoPE" in proc.stderr
+    assert "drope: note: model.rope_layers=[0] does not apply: RoPE stays in those layers under model.phase=layers " \
+        "only, and this run trains phase drope" in proc.stderr
     assert "step 4: loss" in proc.stdout and "SmolLM3ForCausalLM" in proc.stdout
     assert "examples/s" not in proc.stderr  # --quiet: no progress bars from datasets either
     from transformers import AutoModelForCausalLM
 
     assert type(AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))).__name__ == "SmolLM3ForCausalLM"
     m = checkpoint.model_config(rec / "final")
-    assert m.phase == "drope" and m.seq_length == 32
+    assert m.phase == "drope" and m.seq_length == 32 and m.rope_layers is None
     # Without bf16 (a CPU) the bf16 checkpoint trained in fp32: DeepSpeed keeps no master weights then.
     assert m.params_dtype == "float32" and _stored_dtypes(rec / "final") == {torch.float32}
     first = losses(rec)[0][0]

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from drope_megatron.train.checkpointing import STATE
-from tests.helpers import ROOT, torchrun
+from tests.helpers import ROOT, drope, torchrun
 from tests.train import corpus as corpus_lib
 from tests.train import faults
 from tests.train.test_loop import losses, run
@@ -98,4 +98,8 @@ def test_resume_at_another_world_size_is_refused(corpus, tmp_path):
     run(corpus, run_dir, "train.steps=3", "train.zero_stage=1")
     proc = torchrun(2, ["-m", "drope_megatron.cli", *job_args(corpus, run_dir, "train.zero_stage=1")], timeout=240)
     assert proc.returncode != 0
-    assert "was written with another layout (dp=1 now 2)" in proc.stderr
+    assert "was written with other settings (dp=1 now 2)" in proc.stderr
+    # DeepSpeed would restore the saved learning rate over the recipe's, and fail on another precision.
+    proc = drope(*job_args(corpus, run_dir, "train.zero_stage=1", "train.lr=1e-4", "train.precision=bf16"))
+    assert proc.returncode == 2
+    assert "was written with other settings (bf16=False now True, train.lr=0.001 now 0.0001)" in proc.stderr
