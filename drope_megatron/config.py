@@ -208,6 +208,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), resolve_init
 
         # Before any check: the checkpoint's heads and layers, not the defaults, meet this TP and rope_layers.
         recipe.model = resolve(recipe.model, raw.get("model") or {}, recipe.train.init_from)
+    if not recipe.train.init_from:  # a run from a checkpoint has its scaling (init_from checks the sub-keys)
+        _refuse_unread_scaling(recipe.model.rope_scaling)
     validate(recipe)
     return recipe
 
@@ -268,7 +270,7 @@ def validate(recipe: Recipe) -> None:
                f"model.padded_vocab_size={m.padded_vocab_size} must be >= model.vocab_size and divisible by "
                f"TP={tp}: convert the checkpoint again with --tp {tp}")
     _validate_phase(m)
-    _validate_rope_scaling(m, own=not t.init_from)
+    _validate_rope_scaling(m)
     _check(m.softmax_scale is None or m.softmax_scale > 0, "model.softmax_scale must be positive")
     _check(m.attention_temperature == "none" or m.attention_backend == "sdpa",
            "model.attention_temperature needs model.attention_backend=sdpa")
@@ -311,15 +313,19 @@ def _validate_phase(m: ModelConfig) -> None:
     _check(not bad, f"model.rope_layers has {bad}, outside 0..{m.num_layers - 1}")
 
 
-def _validate_rope_scaling(m: ModelConfig, own: bool) -> None:
-    """`own`: the recipe's model, not one from train.init_from, whose scaling is the checkpoint's
-    (`init_from` checks the sub-keys a recipe writes against it)."""
-    rs, default = m.rope_scaling, RopeScalingConfig()
-    for f in dataclasses.fields(rs) if own else ():  # a sub-key its type does not read would be ignored
+def _refuse_unread_scaling(rs: RopeScalingConfig) -> None:
+    """A recipe's sub-key that its scaling type does not read would be silently ignored. (Only a
+    recipe's: a stored model is read as it was saved.)"""
+    default = RopeScalingConfig()
+    for f in dataclasses.fields(rs):
         value = getattr(rs, f.name)
         _check(f.name == "type" or f.name in rs.reads() or value == getattr(default, f.name),
                f"model.rope_scaling.{f.name}={value} has no effect with model.rope_scaling.type={rs.type}: "
                "drop the key or set the type that reads it")
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    rs = m.rope_scaling
     if rs.type == "none":
         return
     _check(rs.factor >= 1.0, f"model.rope_scaling.factor={rs.factor} must be >= 1")

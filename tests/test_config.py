@@ -124,6 +124,15 @@ def test_bad_recipe_files(tmp_path):
         assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_stored_model_is_read_as_saved():
+    """An unread scaling sub-key is refused in a recipe, not in a checkpoint saved before that rule."""
+    from drope_megatron.config import ModelConfig, RopeScalingConfig, validate
+
+    validate(Recipe(model=ModelConfig(rope_scaling=RopeScalingConfig(type="none", factor=4.0))))
+    with pytest.raises(ConfigError, match="model.rope_scaling.factor=4.0 has no effect"):
+        load_recipe(None, ["model.rope_scaling.factor=4"])
+
+
 def test_a_recipe_path_with_an_equals_sign_is_the_recipe(tmp_path):
     # A sweep folder such as lr=1e-4/: before, its recipe was taken for an override of key "/tmp/.../lr".
     recipe = tmp_path / "lr=1e-4" / "r.yaml"

@@ -38,6 +38,14 @@ def _kind(path: str) -> str:
     return SUFFIX_FORMATS.get(suffixes[-1] if suffixes else "", "text")
 
 
+def file_names(d: DataConfig) -> list[str]:
+    """The names of the files (or dataset prefixes) `d` reads, globs expanded, without their
+    folders: what a resumed stream must find again, wherever the data was moved (a node's disk)."""
+    if d.format == "hub":
+        return list(d.paths)
+    return [Path(f).name for p in d.paths for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])]
+
+
 def resolved(d: DataConfig) -> DataConfig:
     """`d` with `format: auto` decided from its files."""
     return dataclasses.replace(d, format=file_format(d.paths)) if d.format == "auto" else d

@@ -99,7 +99,8 @@ class Demo:
                "rope": lambda: {"pretrain": _digest(self.pretrain_recipe) if self.pretrain else False,
                                 "smoke": self.smoke and self.pretrain},
                "drope": lambda: {"recipe": _digest(self.recipe), "overrides": self._split()[0], "smoke": self.smoke},
-               "eval": lambda: {"recipe": _digest(self.recipe), "overrides": self._split()[1], "smoke": self.smoke},
+               "eval": lambda: {"recipe": _digest(self.recipe), "smoke": self.smoke,
+                                **({"overrides": self._split()[1]} if self._split()[1] else {})},
                "export": dict, "report": lambda: {"smoke": self.smoke, "pretrain": self.pretrain}}[stage]()
         before = STAGES[STAGES.index(stage) - 1] if stage != STAGES[0] else None
         return {**own, "after": self.log["made"].get(before)}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ModelConfig, Recipe
-from drope_megatron.data.documents import documents, resolved
+from drope_megatron.data.documents import documents, file_names, resolved
 from drope_megatron.data.packing import BatchStream, block_stream
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
@@ -115,7 +115,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
         saved = client.get("data") if client else None  # checkpoints before data states: replayed
         d = recipe.data
         made_from = {"model.seq_length": m.seq_length, "train.seed": t.seed, "data.format": d.format,
-                     "data.shuffle": d.shuffle, "data.paths": list(d.paths), "data.text_key": d.text_key,
+                     "data.shuffle": d.shuffle, "data.paths (file names)": file_names(d), "data.text_key": d.text_key,
                      "data.streaming": d.streaming}  # streaming shuffles through a buffer: another order
         blocks = block_stream(lambda epoch, start: documents(recipe.data, tok, epoch, t.seed, start, m.vocab_size),
                               m.seq_length + 1, recipe.data.shuffle_window if recipe.data.shuffle else 0, t.seed,

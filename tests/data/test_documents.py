@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from drope_megatron.config import ConfigError, DataConfig
-from drope_megatron.data.documents import documents, file_format
+from drope_megatron.data.documents import documents, file_format, file_names
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import Tokenizer
 
@@ -89,3 +89,13 @@ def test_a_folder_is_refused_with_the_glob_to_use(tmp_path):
     (tmp_path / "pq").mkdir()
     with pytest.raises(ConfigError, match=f"data path {tmp_path / 'pq'} is a folder: list its files, e.g. "):
         list(documents(DataConfig(paths=[str(tmp_path / "pq")], format="parquet"), CHARS, 0, seed=0))
+
+
+def test_a_stream_knows_its_files_by_name_wherever_they_are(sources, tmp_path):
+    """What a resumed stream must find again: the files, globs expanded, not the folder they sit in
+    (a run resumed from a node's local copy of the data)."""
+    for name in ("b.jsonl", "a.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    assert file_names(DataConfig(paths=[str(tmp_path / "*.jsonl")])) == ["a.jsonl", "b.jsonl"]
+    assert file_names(DataConfig(paths=["a.jsonl", "b.jsonl"])) == ["a.jsonl", "b.jsonl"]
+    assert file_names(sources["megatron"]) == ["docs"]
