@@ -107,6 +107,10 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
+        asked = recipe.model.params_dtype  # a run from a checkpoint: the checkpoint's (README)
+        if not t.init_from and asked not in (ModelConfig.params_dtype, m.params_dtype):
+            notes = [*notes, f"model.params_dtype={asked} does not apply: this run trains in {m.params_dtype}, "
+                             "as train.precision (or the DeepSpeed config's bf16 block) decides"]
         for note in notes if env.rank == 0 else ():
             print(f"drope: note: {note}", file=sys.stderr)
         if run_dir is None and env.rank == 0:  # legitimate for benchmarks; a mistake for a real run

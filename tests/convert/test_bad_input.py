@@ -128,30 +128,37 @@ def test_zero_tp_is_refused(good_hf, tmp_path):
     assert proc.returncode == 2 and "parallel.tensor_model_parallel_size=0 must be positive" in proc.stderr
 
 
-def test_damaged_checkpoints_and_bad_verify_input(good_hf, tmp_path):
+def test_damaged_checkpoints_and_bad_verify_input(good_hf, tmp_path, capsys):
+    from drope_megatron.cli import main
+
+    def drope_here(*args: str) -> tuple[int, str]:  # the command line in this process: no re-imports
+        code = main([str(a) for a in args])
+        return code, capsys.readouterr().err
+
     meg = tmp_path / "meg"
-    assert drope("convert", "hf-to-megatron", str(good_hf), str(meg), "--quiet").returncode == 0
+    assert drope_here("convert", "hf-to-megatron", good_hf, meg, "--quiet")[0] == 0
     no_weights = tmp_path / "noweights"
     no_weights.mkdir()
     shutil.copy(good_hf / "config.json", no_weights)
-    proc = drope("convert", "verify", str(no_weights), str(meg))
-    assert proc.returncode == 2 and "has no model.safetensors" in proc.stderr
-    proc = drope("convert", "verify", str(good_hf), str(meg), "--length", "0")
-    assert proc.returncode == 2 and "--length must be at least 1" in proc.stderr
+    code, err = drope_here("convert", "verify", no_weights, meg)
+    assert code == 2 and "has no model.safetensors" in err
+    code, err = drope_here("convert", "verify", good_hf, meg, "--length", "0")
+    assert code == 2 and "--length must be at least 1" in err
     other = tmp_path / "other"  # the wrong folder: another vocabulary (before: an IndexError inside the HF model)
     save_hf_model(other, hf_config("llama", vocab_size=256))
-    proc = drope("convert", "verify", str(other), str(meg))
-    assert proc.returncode == 2 and f"{other} has vocab_size=256 but {meg} has vocab_size=300" in proc.stderr
+    code, err = drope_here("convert", "verify", other, meg)
+    assert code == 2 and f"{other} has vocab_size=256 but {meg} has vocab_size=300" in err
     broken = tmp_path / "broken"
     shutil.copytree(meg, broken)
     shutil.rmtree(broken / "weights")
-    proc = drope("convert", "megatron-to-hf", str(broken), str(tmp_path / "out1"), "--quiet")
-    assert proc.returncode == 2 and "is missing or incomplete" in proc.stderr
+    code, err = drope_here("convert", "megatron-to-hf", broken, tmp_path / "out1", "--quiet")
+    assert code == 2 and "is missing or incomplete" in err
     (broken / "drope_checkpoint.json").write_text("{not json")
-    proc = drope("convert", "megatron-to-hf", str(broken), str(tmp_path / "out2"), "--quiet")
-    assert proc.returncode == 2 and "is not valid JSON" in proc.stderr
+    code, err = drope_here("convert", "megatron-to-hf", broken, tmp_path / "out2", "--quiet")
+    assert code == 2 and "is not valid JSON" in err
     assert not (tmp_path / "out1").exists() and not (tmp_path / "out2").exists()
-    # NaN logits are a failed comparison, not a pass (NaN > atol is False)
+    # NaN logits are a failed comparison, not a pass (NaN > atol is False); a child process, as
+    # verify's exit status 1 is checked through a process boundary here.
     from safetensors.torch import load_file, save_file
 
     nan = tmp_path / "nan"

@@ -11,7 +11,7 @@ import pytest
 from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.documents import documents
 from drope_megatron.data.indexed import write_indexed
-from tests.helpers import run
+from tests.helpers import ROOT, run
 
 
 def test_round_trip_through_megatron_reader(tmp_path):
@@ -42,29 +42,39 @@ def test_ids_outside_the_vocabulary_write_nothing(tmp_path):
     assert [r.tolist() for r in read] == [[1, 2]]
 
 
-def test_prepare_data_tool(tmp_path):
+def test_prepare_data_tool(tmp_path, capsys):
+    import importlib.util
+
     from tests.train.corpus import build
 
     corpus = build(tmp_path / "c", docs=2, lines=120)
     paths = corpus["paths"].strip("[]").split(",")
     proc = run([sys.executable, "tools/prepare_data.py", "--input", *paths, "--tokenizer", corpus["tokenizer"],
-                "--out", str(tmp_path / "out" / "train")], timeout=120)
+                "--out", str(tmp_path / "out" / "train")], timeout=120)  # as a command, once
     assert proc.returncode == 0, proc.stderr[-1000:]
     assert "2 documents" in proc.stdout and (tmp_path / "out" / "train.idx").is_file()
-    again = [sys.executable, "tools/prepare_data.py", "--input", paths[0], "--tokenizer", corpus["tokenizer"],
-             "--out", str(tmp_path / "out" / "train")]
-    kept = run(again, timeout=120)
-    assert kept.returncode == 2 and "pass --overwrite" in kept.stderr
+    spec = importlib.util.spec_from_file_location("prepare_data", ROOT / "tools" / "prepare_data.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def prepare(*args) -> tuple[int, str, str]:  # the rest in this process: no re-imports
+        code = tool.main([str(a) for a in args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    again = ["--input", paths[0], "--tokenizer", corpus["tokenizer"], "--out", tmp_path / "out" / "train"]
+    code, _, err = prepare(*again)
+    assert code == 2 and "pass --overwrite" in err
     assert '"documents": 2' in (tmp_path / "out" / "train.json").read_text()  # untouched
-    replaced = run([*again, "--overwrite"], timeout=120)
-    assert replaced.returncode == 0 and "1 documents" in replaced.stdout
+    code, out, _ = prepare(*again, "--overwrite")
+    assert code == 0 and "1 documents" in out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train.bin", "train.idx", "train.json"]
-    bad = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "missing.txt"), "--tokenizer",
-               corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
-    assert bad.returncode == 2 and "does not exist" in bad.stderr and not (tmp_path / "bad").exists()
+    code, _, err = prepare("--input", tmp_path / "missing.txt", "--tokenizer", corpus["tokenizer"], "--out",
+                           tmp_path / "bad" / "x")
+    assert code == 2 and "does not exist" in err and not (tmp_path / "bad").exists()
     (tmp_path / "broken.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
-    broken = run([sys.executable, "tools/prepare_data.py", "--input", str(tmp_path / "broken.jsonl"), "--tokenizer",
-                  corpus["tokenizer"], "--out", str(tmp_path / "bad" / "x")], timeout=120)
-    assert broken.returncode == 2 and "cannot be read as json (JSON parse error" in broken.stderr
-    assert "Traceback" not in broken.stderr and "Failed to load JSON" not in broken.stderr
+    code, _, err = prepare("--input", tmp_path / "broken.jsonl", "--tokenizer", corpus["tokenizer"], "--out",
+                           tmp_path / "bad" / "x")
+    assert code == 2 and "cannot be read as json (JSON parse error" in err
+    assert "Traceback" not in err and "Failed to load JSON" not in err
     assert not (tmp_path / "bad").exists()

@@ -63,8 +63,10 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     baseline = baseline[0]
     pre = tmp_path / "pre"
     # A recipe's phase never changes what a command trains; the user is told (`drope config` prints it).
-    proc = run(corpus, pre, "train.steps=6", "train.schedule=cosine", "train.warmup_steps=2", "model.phase=drope")
+    proc = run(corpus, pre, "train.steps=6", "train.schedule=cosine", "train.warmup_steps=2", "model.phase=drope",
+               "model.params_dtype=bfloat16")
     assert "drope: note: model.phase=drope does not apply: drope pretrain trains with RoPE" in proc.stderr
+    assert "drope: note: model.params_dtype=bfloat16 does not apply: this run trains in float32" in proc.stderr
     seq, rows = losses(pre)
     assert len(seq) == 6 and seq[-1] < seq[0]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "rss_gib", "data_position"} <= set(rows[-1])
