@@ -24,10 +24,11 @@ from pathlib import Path
 
 import children
 
+# The DroPE model (no RoPE), the one evaluated far past its training length.
 FULL = ["model.num_layers=6", "model.hidden_size=320", "model.num_attention_heads=5", "model.vocab_size=8192",
-        "model.seq_length=256"]
+        "model.seq_length=256", "model.phase=drope"]
 QUICK = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.vocab_size=512",
-         "model.seq_length=64", "model.make_vocab_size_divisible_by=64"]
+         "model.seq_length=64", "model.make_vocab_size_divisible_by=64", "model.phase=drope"]
 
 
 def measure(backend: str, length: int, repeats: int, overrides: list[str]) -> dict:
@@ -78,8 +79,9 @@ def peak_rss() -> int:
 def forward_flops(params: int, length: int, overrides: list[str]) -> float:
     """2 FLOPs per parameter per token (the embedding is tied: its one matrix is the output layer's
     matmul) plus causal attention."""
-    shape = {k.split("=")[0].split(".")[1]: int(k.split("=")[1]) for k in overrides}
-    return 2 * params * length + 2 * shape["num_layers"] * length**2 * shape["hidden_size"]
+    shape = {k.split("=")[0].split(".")[1]: k.split("=")[1] for k in overrides}
+    layers, hidden = int(shape["num_layers"]), int(shape["hidden_size"])
+    return 2 * params * length + 2 * layers * length**2 * hidden
 
 
 def run_child(backend: str, length: int, repeats: int, quick: bool) -> dict:

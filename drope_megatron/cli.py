@@ -335,6 +335,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; `key=value` words after an option (`--steps 3 train.lr=1e-3`) join the
+    command's trailing list (overrides, or eval's models), which argparse alone ends at the option."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    trailing = next((name for name in ("overrides", "models") if isinstance(getattr(args, name, None), list)), None)
+    if extra and (trailing is None or any(word.startswith("-") or "=" not in word for word in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        setattr(args, trailing, [*getattr(args, trailing), *extra])
+    return args
+
+
 def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     """The `drope` command in this process; `own_process`: the process is the command's alone."""
     # megatron-core announces at import that Apex / Transformer Engine are absent: expected here.
@@ -342,7 +355,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     # torch's distributed checkpoint warns about its own API churn on every megatron-core load.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor instead|`load_state_dict` is dep)")
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     args.own_process = own_process
     try:
         with _datasets_quiet(getattr(args, "quiet", False), own_process):

@@ -203,12 +203,15 @@ def load_recipe(path: str | Path | None, overrides: list[str] = (), resolve_init
     recipe's settings over it (`init_from.resolve`); `resolve_init=False` reads the file only."""
     raw = raw_recipe(path, overrides)
     recipe = build(Recipe, raw, "")
+    own = not recipe.train.init_from  # else the checkpoint's scaling (init_from checks the sub-keys)
     if resolve_init and recipe.train.init_from:
+        from drope_megatron.checkpoint import is_checkpoint
         from drope_megatron.init_from import resolve
 
+        own = not is_checkpoint(recipe.train.init_from)  # not there yet: the recipe's model is built
         # Before any check: the checkpoint's heads and layers, not the defaults, meet this TP and rope_layers.
         recipe.model = resolve(recipe.model, raw.get("model") or {}, recipe.train.init_from)
-    if not recipe.train.init_from:  # a run from a checkpoint has its scaling (init_from checks the sub-keys)
+    if own:
         _refuse_unread_scaling(recipe.model.rope_scaling)
     validate(recipe)
     return recipe

@@ -23,3 +23,14 @@ def test_subcommand_help(command):
 def test_no_subcommand_is_a_usage_error():
     proc = drope(timeout=60)
     assert proc.returncode == 2 and "usage: drope" in proc.stderr
+
+
+def test_overrides_may_follow_options():
+    """Before, `drope smoke R --steps 3 train.lr=1e-3` stopped with "unrecognized arguments"."""
+    from drope_megatron.cli import parse
+
+    args = parse(["smoke", "r.yaml", "train.steps=2", "--steps", "3", "train.lr=1e-3"])
+    assert (args.recipe, args.overrides, args.steps) == ("r.yaml", ["train.steps=2", "train.lr=1e-3"], 3)
+    assert parse(["eval", "a", "--out", "o", "B=b"]).models == ["a", "B=b"]
+    with pytest.raises(SystemExit):
+        parse(["smoke", "r.yaml", "--steps", "3", "stray"])  # not key=value: still an error

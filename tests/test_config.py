@@ -129,8 +129,9 @@ def test_a_stored_model_is_read_as_saved():
     from drope_megatron.config import ModelConfig, RopeScalingConfig, validate
 
     validate(Recipe(model=ModelConfig(rope_scaling=RopeScalingConfig(type="none", factor=4.0))))
-    with pytest.raises(ConfigError, match="model.rope_scaling.factor=4.0 has no effect"):
-        load_recipe(None, ["model.rope_scaling.factor=4"])
+    for init in ([], ["train.init_from=/not/yet/a/checkpoint"]):  # the latter builds the recipe's model too
+        with pytest.raises(ConfigError, match="model.rope_scaling.factor=4.0 has no effect"):
+            load_recipe(None, ["model.rope_scaling.factor=4", *init])
 
 
 def test_a_recipe_path_with_an_equals_sign_is_the_recipe(tmp_path):

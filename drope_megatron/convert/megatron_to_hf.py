@@ -68,7 +68,9 @@ def _token_ids(src: Path) -> dict[str, int | None] | None:
     """bos/eos of the checkpoint's own tokenizer, for the ids its source config does not give (a
     model trained here has none; the demo's shipped model leaves them null): without an EOS id,
     `generate` would never stop."""
-    if not (src / "tokenizer").is_dir():
+    folder = src / "tokenizer"
+    # A converted model's folder may hold only generation_config.json (its source had no tokenizer).
+    if not any((folder / name).is_file() for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json")):
         return None
     from drope_megatron.data.tokenizer import load_tokenizer
 

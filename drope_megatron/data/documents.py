@@ -46,6 +46,23 @@ def file_names(d: DataConfig) -> list[str]:
     return [Path(f).name for p in d.paths for f in (sorted(glob.glob(p)) if glob.has_magic(p) else [p])]
 
 
+def check_paths(d: DataConfig) -> None:
+    """Every local path is there and of its kind: found before a run starts (or writes anything)."""
+    if d.format == "hub":
+        return
+    if d.format == "megatron":
+        for prefix in d.paths:
+            if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
+                raise ConfigError(f"Megatron dataset {prefix}.bin/.idx not found: data.paths takes path prefixes")
+        return
+    missing = [p for p in d.paths if not (glob.glob(p) if glob.has_magic(p) else Path(p).exists())]
+    if missing:
+        raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
+    folders = [p for p in d.paths if Path(p).is_dir()]
+    if folders:  # datasets would say it cannot find a folder that is there
+        raise ConfigError(f"data path {folders[0]} is a folder: list its files, e.g. {folders[0]}/*.parquet")
+
+
 def resolved(d: DataConfig) -> DataConfig:
     """`d` with `format: auto` decided from its files."""
     return dataclasses.replace(d, format=file_format(d.paths)) if d.format == "auto" else d
@@ -60,6 +77,7 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
     another tokenizer would train silently on the wrong embeddings (megatron's vocab-parallel
     layers mask ids beyond their range)."""
     d = resolved(d)
+    check_paths(d)
     if d.format == "megatron":
         yield from _indexed(d, epoch, seed, start, vocab_size)
         return
@@ -95,12 +113,6 @@ def _hf_dataset(d: DataConfig):
 
     if d.format == "hub":
         return datasets.load_dataset(d.paths[0], split="train", streaming=d.streaming)
-    missing = [p for p in d.paths if not (glob.glob(p) if glob.has_magic(p) else Path(p).exists())]
-    if missing:
-        raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
-    folders = [p for p in d.paths if Path(p).is_dir()]
-    if folders:  # datasets would say it cannot find a folder that is there
-        raise ConfigError(f"data path {folders[0]} is a folder: list its files, e.g. {folders[0]}/*.parquet")
     builder = {"text": "text", "json": "json", "parquet": "parquet"}[d.format]
     # Its json reader logs a parse error before raising it; `documents` turns the raise into one line.
     datasets.utils.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
@@ -115,11 +127,7 @@ def _hf_dataset(d: DataConfig):
 def _indexed(d: DataConfig, epoch: int, seed: int, start: int, vocab_size: int | None) -> Iterator[np.ndarray]:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    sets = []
-    for prefix in d.paths:
-        if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
-            raise ConfigError(f"Megatron dataset {prefix}.bin/.idx not found: data.paths takes path prefixes")
-        sets.append(IndexedDataset(prefix))
+    sets = [IndexedDataset(prefix) for prefix in d.paths]
     offsets = np.cumsum([0, *(len(ds) for ds in sets)])  # document k is in the set whose range holds it
     order = np.random.default_rng(seed + epoch).permutation(offsets[-1]) if d.shuffle else range(offsets[-1])
     for k in order[start:]:

@@ -74,7 +74,8 @@ class Demo:
         """Run or reuse the stages up to `until`; the report's path when that stage was reached."""
         if self.until not in STAGES:
             raise ConfigError(f"--until {self.until!r}: use one of {', '.join(STAGES)}")
-        self._eval_recipe_section()  # a bad eval.* override fails now, not after the training
+        self._eval_recipe_section()  # every override is checked now, not after the training
+        self._recipe_model()
         self.work.mkdir(parents=True, exist_ok=True)
         log_path = self.work / "stages.json"
         if log_path.is_file():
@@ -174,7 +175,13 @@ class Demo:
             atomic.write_text(recipe, yaml.safe_dump({"eval": self._eval_recipe_section()}, sort_keys=False))
         self._drope_cmd("eval", f"RoPE={self.work / 'rope'}", f"DroPE={self.work / 'drope' / 'final'}",
                         "--recipe", str(recipe), "--data", str(self.work / "corpus" / "heldout.jsonl"),
-                        "--out", str(self.work / "eval"), "--overwrite", *(SMOKE_EVAL if self.smoke else []))
+                        "--out", str(self.work / "eval"), "--overwrite", *(self._smoke_eval() if self.smoke else []))
+
+    def _smoke_eval(self) -> list[str]:
+        """The smoke sizes, less those an eval.* override sets (flags would win over the recipe)."""
+        mine = {o.partition("=")[0].removeprefix("eval.") for o in self._split()[1]}
+        pairs = zip(SMOKE_EVAL[::2], SMOKE_EVAL[1::2])
+        return [word for flag, value in pairs if flag.removeprefix("--") not in mine for word in (flag, value)]
 
     def _export(self) -> None:
         self._drope_cmd("convert", "megatron-to-hf", str(self.work / "drope" / "final"), str(self.work / "drope-hf"),
@@ -219,7 +226,8 @@ class Demo:
         from drope_megatron.config import load_recipe
 
         # As the recalibration will read it: from this demo's RoPE checkpoint.
-        return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}", *self._split()[0]]).model
+        return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}",
+                                              *(SMOKE_RECAL if self.smoke else []), *self._split()[0]]).model
 
     def _vocab(self) -> int:
         # The corpus's tokenizer is the pretraining's (the shipped model's too): not resolved against

@@ -161,6 +161,14 @@ def param_groups(model, weight_decay: float) -> list[dict[str, Any]]:
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def rates_from_schedule(schedule) -> None:
+    """After a resume: each group's rate as this run's schedule gives it at the resumed step. The
+    optimizer's saved rates are the old schedule's, which another train.steps or warmup changes,
+    and the first step after the resume would take them."""
+    for group, base, rate in zip(schedule.optimizer.param_groups, schedule.base_lrs, schedule.lr_lambdas):
+        group["lr"] = base * rate(schedule.last_epoch)
+
+
 def adamw(model, t: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
                              eps=t.adam_eps)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ModelConfig, Recipe
-from drope_megatron.data.documents import documents, file_names, resolved
+from drope_megatron.data.documents import check_paths, documents, file_names, resolved
 from drope_megatron.data.packing import BatchStream, block_stream
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
@@ -85,6 +85,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
     if not recipe.data.paths:
         raise ConfigError("data.paths is empty: list the training files (or a Megatron dataset prefix)")
     recipe = dataclasses.replace(recipe, data=resolved(recipe.data))  # format: auto decided from the files
+    check_paths(recipe.data)  # before the run folder or any process group exists
     needs_dir = [k for k, v in {"train.export_hf": t.export_hf, "train.tensorboard": t.tensorboard,
                                 "train.save_interval": t.save_interval}.items() if v]
     if needs_dir and not t.save_dir:
@@ -104,9 +105,14 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
         run_dir = Path(t.save_dir) if t.save_dir else None
         layout = _layout(m, p, dp, engine, ds_config, t)
         client = checkpointing.load(engine, run_dir / "checkpoints", layout) if run_dir else None
+        if client:
+            ds_engine.rates_from_schedule(engine.lr_scheduler)
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
+        if tok is None and t.save_dir:  # Megatron-format data trains without one
+            notes = [*notes, "data.tokenizer is not set: the checkpoint will carry no tokenizer, which drope eval and "
+                             "the Hugging Face export need; set data.tokenizer to the one the data was made with"]
         asked = recipe.model.params_dtype  # a run from a checkpoint: the checkpoint's (README)
         if not t.init_from and asked not in (ModelConfig.params_dtype, m.params_dtype):
             notes = [*notes, f"model.params_dtype={asked} does not apply: this run trains in {m.params_dtype}, "

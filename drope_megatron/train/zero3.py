@@ -11,6 +11,7 @@ from a copy of the model built on the meta device, which costs no memory.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -40,16 +41,17 @@ def load_partitioned(path: str | Path, p: ParallelConfig, ds_config: dict, add_q
         if new_norms and name.endswith(checkpoint.NEW_NORMS):
             continue  # not in the checkpoint: keeps its initial value of 1
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            spec = keys[name]
-            spec.data = torch.empty_like(param.data)
+            # In the dtype zero.Init gave the parameter (bf16 norms too): megatron checks the two agree.
+            changes = {"data": torch.empty_like(param.data)}
+            if hasattr(keys[name], "dtype"):  # a ShardedTensor; a factory (fused SwiGLU) takes the data's
+                changes["dtype"] = param.dtype
+            spec = dataclasses.replace(keys[name], **changes)
             param.data.copy_(checkpoint.load_sharded({name: spec}, weights, False, offset)[name])
     return model, m
 
 
 def sharded_for_save(model, m: ModelConfig, p: ParallelConfig) -> dict:
     """This rank's share of the whole parameters, as the sharded state dict `checkpoint.save` writes."""
-    import dataclasses
-
     import deepspeed
 
     keys = checkpoint.sharded_keys(m, p)

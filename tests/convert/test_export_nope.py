@@ -153,6 +153,11 @@ def test_ids_the_source_leaves_unset_come_from_the_tokenizer(tmp_path):
     sp = sentencepiece.SentencePieceProcessor(model_file=str(SHIPPED / "tokenizer.model"))
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["eos_token_id"] == sp.eos_id() == 2
+    # No ids and no tokenizer files (only the source's generation_config.json): exported without ids.
+    bare = dropped(tmp_path / "bare", "qwen2", bos_token_id=None, eos_token_id=None)
+    assert not (bare / "tokenizer" / "tokenizer_config.json").exists()
+    export(bare, tmp_path / "bare_out", show_progress=False)
+    assert json.loads((tmp_path / "bare_out" / "config.json").read_text()).get("eos_token_id") is None
 
 
 def test_model_trained_here_exports_as_llama(tmp_path):

@@ -56,12 +56,14 @@ def test_smoke_demo_runs_every_stage_then_reuses_them(tmp_path):
     assert f"[demo] stopped after drope: {work}" in changed.stdout and "# DroPE demo" not in changed.stdout
     stale = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", timeout=180)
     assert stale.returncode == 0 and "[demo] drope: reused" in stale.stdout and "[demo] eval: running" in stale.stdout
-    # An eval.* override reaches the evaluation (through a recipe holding it) and reruns it alone.
+    # An eval.* override reaches the evaluation (through a recipe holding it, over the smoke sizes)
+    # and reruns it alone.
     seeded = drope("demo", "--smoke", "--work", str(work), "--until", "eval", "train.lr=1e-3", "eval.seed=7",
-                   timeout=180)
+                   "eval.samples=2", timeout=180)
     assert seeded.returncode == 0, seeded.stderr[-2000:]
     assert "[demo] drope: reused" in seeded.stdout and f"--recipe {work / 'eval-recipe.yaml'}" in seeded.stdout
-    assert json.loads((work / "eval" / "results.json").read_text())["seed"] == 7
+    results = json.loads((work / "eval" / "results.json").read_text())
+    assert results["seed"] == 7 and results["rows"]["DroPE"]["passkey"]["1x"]["samples"] == 2 * 2  # x 2 depths
     # A stage that fails exits with its command's status: 3, the recalibration diverged.
     diverged = drope("demo", "--smoke", "--work", str(work), "--until", "drope", "train.lr=1e12", timeout=180)
     assert diverged.returncode == 3, diverged.stderr[-2000:]

@@ -96,6 +96,12 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     assert m.params_dtype == "float32" and _stored_dtypes(rec / "final") == {torch.float32}
     first = losses(rec)[0][0]
     assert first < baseline[0]  # starts from the pretrained weights, not from scratch
+    # The pretraining resumed for 2 more steps: their rates are the 8-step schedule's (before, the
+    # first took the 6-step schedule's last rate, restored with the optimizer).
+    run(corpus, pre, "train.steps=8", "train.schedule=cosine", "train.warmup_steps=2", "model.phase=drope",
+        "model.params_dtype=bfloat16")
+    longer = [1e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 6))) for s in (6, 7)]
+    assert [r["lr"] for r in losses(pre)[1][6:]] == pytest.approx(longer)
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

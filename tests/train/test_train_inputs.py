@@ -63,6 +63,8 @@ def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     assert message in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("drope: error:"), \
         proc.stderr[-2000:]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists()
+    if case == "missing-file":  # found before the run folder is made (before: an empty metrics.jsonl)
+        assert not run_dir.exists()
     assert (tiny_files / "short.txt").is_file()  # an existing export folder is left as it was
 
 

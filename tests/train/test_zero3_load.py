@@ -1,6 +1,7 @@
 """ZeRO-3 and Megatron checkpoints: parameters arrive partitioned (about half per rank on two
-ranks) and, gathered, equal an unpartitioned load; saved back from the partitions, the checkpoint
-holds the same weights."""
+ranks) in bf16, as a bf16 run builds them (megatron's fp32 norms included: before, their load
+failed megatron's dtype check), and, gathered, equal an unpartitioned load in bf16; saved back
+from the partitions, the checkpoint holds the same weights."""
 
 import json
 
@@ -16,8 +17,8 @@ def test_checkpoint_round_trip_through_partitioned_model(megatron_world, tmp_pat
     recipe = tiny_recipe()
     ckpt = checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "ckpt")
     out = tmp_path / "found.json"
-    proc = torchrun(2, [str(ROOT / "tests" / "workers" / "zero3_load.py"), str(ckpt), str(out)], timeout=240,
-                    DS_ACCELERATOR="cpu")
+    proc = torchrun(2, [str(ROOT / "tests" / "workers" / "zero3_load.py"), str(ckpt), str(out), "bfloat16"],
+                    timeout=240, DS_ACCELERATOR="cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(out.read_text())
     assert found["max_abs_diff"] == 0.0 and found["world_size"] == 2
@@ -27,4 +28,4 @@ def test_checkpoint_round_trip_through_partitioned_model(megatron_world, tmp_pat
     saved, _ = checkpoint.load_model(tmp_path / "saved", recipe.parallel)
     theirs = dict(saved.named_parameters())
     for name, param in original.named_parameters():
-        assert torch.equal(param, theirs[name]), name
+        assert torch.equal(param.to(torch.bfloat16), theirs[name].to(torch.bfloat16)), name
