@@ -2,14 +2,14 @@
 # OpenMPI's mpirun: ranks come from mpi4py; rank 0 picks a free port and broadcasts it.
 #   NP=16 HOSTFILE=hosts cluster/mpirun.sh recalibrate recipes/paper/smollm_360m.yaml
 # (-x is OpenMPI's way to pass the environment; with MPICH use mpiexec -genvlist PATH,LD_LIBRARY_PATH.)
-# Ranks on other hosts get only what -x names: the paths, and every NCCL_*, HF_*, TORCH_*,
-# MASTER_ADDR, MASTER_PORT, PYTHONPATH and OMP_NUM_THREADS set here. --bind-to none: OpenMPI
+# Ranks on other hosts get only what -x names: the paths, and every NCCL_*, GLOO_*, HF_*, TORCH_*,
+# DS_*, CUDA_VISIBLE_DEVICES, MASTER_ADDR, MASTER_PORT, PYTHONPATH and OMP_NUM_THREADS set here. --bind-to none: OpenMPI
 # would otherwise pin each rank (and its data-loading and offload threads) to one core.
 set -euo pipefail
 HOSTS=()
 if [ -n "${HOSTFILE:-}" ]; then HOSTS=(--hostfile "$HOSTFILE"); fi
 FORWARD=(-x PATH -x LD_LIBRARY_PATH)
-for name in $(compgen -e | grep -E '^(NCCL_|HF_|TORCH_|MASTER_(ADDR|PORT)$|PYTHONPATH$|OMP_NUM_THREADS$)' || true); do
+for name in $(compgen -e | grep -E '^(NCCL_|GLOO_|HF_|TORCH_|DS_|CUDA_VISIBLE_DEVICES$|MASTER_(ADDR|PORT)$|PYTHONPATH$|OMP_NUM_THREADS$)' || true); do
   FORWARD+=(-x "$name")
 done
 exec mpirun -np "${NP:-2}" --bind-to none ${HOSTS[@]+"${HOSTS[@]}"} "${FORWARD[@]}" \

@@ -228,7 +228,12 @@ def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_q
 def load_sharded(request: dict, weights: Path, whole: bool = True, offset: int = 0) -> dict:
     """megatron-core's dist-checkpoint load, with a one-line error for a checkpoint that does not match.
     `whole=False` allows requesting part of a tensor (one layer of a stacked layer tensor); `offset`
-    is the requesting stage's `layer_offset` (it finds the layers in a checkpoint written in parts)."""
+    is the requesting stage's `layer_offset` (it finds the layers in a checkpoint written in parts).
+    Objects (a layer's `_extra_state`) are never read: megatron-core unpickles them with torch.load
+    unrestricted, so a crafted checkpoint would run code; these layers keep no extra state."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    request = {key: spec for key, spec in request.items() if not isinstance(spec, ShardedObject)}
     if not (weights / PARTS).is_file():
         return _load(request, weights, whole) if whole else _load_part(request, weights)
     where = {key: part for part, keys in json.loads((weights / PARTS).read_text())["parts"].items() for key in keys}
@@ -267,12 +272,10 @@ def _load_part(request: dict, folder: Path) -> dict:
     """Read some layers of a checkpoint, whole or in parts, into the request's tensors. megatron-core
     reads a layer-stacked tensor with a prepended axis only whole (it expects every layer in a
     request); with the layer axis explicit, any layers can be read."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    # Reading the explicit-axis views fills the requested tensors in place; objects come back by value.
-    targets = {key: spec.data for key, spec in request.items() if not isinstance(spec, ShardedObject)}
-    loaded = _load(_explicit_layer_axis(dict(request)), folder, whole=False)
-    return {key: targets[key] if key in targets else loaded[key] for key in request}
+    # Reading the explicit-axis views fills the requested tensors in place.
+    targets = {key: spec.data for key, spec in request.items()}
+    _load(_explicit_layer_axis(dict(request)), folder, whole=False)
+    return targets
 
 
 def _load(request: dict, weights: Path, whole: bool) -> dict:

@@ -341,20 +341,27 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     trailing = next((name for name in ("overrides", "models") if isinstance(getattr(args, name, None), list)), None)
-    if extra and (trailing is None or any(word.startswith("-") or "=" not in word for word in extra)):
+    # An override is key=value; a model may be a bare path.
+    if extra and (trailing is None or any(word.startswith("-") or ("=" not in word and trailing == "overrides")
+                                          for word in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         setattr(args, trailing, [*getattr(args, trailing), *extra])
     return args
 
 
-def main(argv: list[str] | None = None, own_process: bool = False) -> int:
-    """The `drope` command in this process; `own_process`: the process is the command's alone."""
+def quiet_library_warnings() -> None:
+    """Silence the libraries' warnings that say nothing to act on (the `drope` command and tools/)."""
     # megatron-core announces at import that Apex / Transformer Engine are absent: expected here.
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*")
     warnings.filterwarnings("ignore", message="full scope is deprecated")
     # torch's distributed checkpoint warns about its own API churn on every megatron-core load.
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(DTensor instead|`load_state_dict` is dep)")
+
+
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """The `drope` command in this process; `own_process`: the process is the command's alone."""
+    quiet_library_warnings()
     args = parse(argv)
     args.own_process = own_process
     try:

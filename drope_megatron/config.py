@@ -287,6 +287,16 @@ def validate(recipe: Recipe) -> None:
     _check(t.warmup_steps + t.decay_steps <= t.steps,
            f"train.warmup_steps + train.decay_steps exceed train.steps={t.steps}")
     _check(t.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)")
+    _check(0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1,
+           "train.adam_beta1 and train.adam_beta2 must be within [0, 1)")
+    _check(t.adam_eps >= 0 and t.weight_decay >= 0, "train.adam_eps and train.weight_decay must be >= 0")
+    _check(0 <= t.seed < 2**63, f"train.seed={t.seed} must be within [0, 2**63) (it seeds numpy and torch)")
+    _check(m.init_method_std >= 0, f"model.init_method_std={m.init_method_std} must be >= 0")
+    # Keys the chosen schedule never reads would be silently ignored.
+    _check(t.schedule == "wsd" or t.decay_steps == 0, f"train.decay_steps={t.decay_steps} has no effect with "
+           f"train.schedule={t.schedule} (it decays over the whole run): drop it or set train.schedule=wsd")
+    _check(t.schedule != "constant" or t.min_lr_ratio == TrainConfig.min_lr_ratio, f"train.min_lr_ratio="
+           f"{t.min_lr_ratio} has no effect with train.schedule=constant: drop it or set a schedule that decays")
     _check(recipe.data.shuffle_window >= 0, "data.shuffle_window must be >= 0 (0: no block shuffling)")
     _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage={t.zero_stage} must be 0, 1, 2 or 3")
     _check(not t.offload_optimizer or t.zero_stage > 0 or t.deepspeed_config is not None,  # else: the JSON's stage
@@ -307,6 +317,9 @@ def _validate_eval(e: EvalConfig, m: ModelConfig) -> None:
     _check(bool(e.lengths) and bool(e.tasks), "eval.lengths and eval.tasks must not be empty")
     _check(all(0.0 <= d <= 1.0 for d in e.depths) and bool(e.depths), "eval.depths must be fractions within 0..1")
     _check(e.documents >= 1 and e.samples >= 1, "eval.documents and eval.samples must be >= 1")
+    for key, values in (("eval.lengths", e.lengths), ("eval.depths", e.depths)):  # one column, one curve each
+        _check(len(set(values)) == len(values), f"{key} repeats an entry: {values}")
+    _check(0 <= e.seed < 2**63, f"eval.seed={e.seed} must be within [0, 2**63) (it seeds torch too)")
 
 
 def _validate_phase(m: ModelConfig) -> None:
@@ -336,6 +349,13 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
         original = rs.original_max_position_embeddings
         _check(original is not None and original > 0, f"model.rope_scaling.type={rs.type} needs a positive "
                "model.rope_scaling.original_max_position_embeddings")
+    # Both pairs bound a band of wavelengths and divide by their difference or by each.
+    if rs.type == "llama3":
+        _check(0 < rs.low_freq_factor < rs.high_freq_factor, "model.rope_scaling needs 0 < low_freq_factor < "
+               f"high_freq_factor (has {rs.low_freq_factor} and {rs.high_freq_factor}; Llama 3.1: 1 and 4)")
+    if rs.type == "yarn":
+        _check(0 < rs.beta_slow < rs.beta_fast, "model.rope_scaling needs 0 < beta_slow < beta_fast "
+               f"(has {rs.beta_slow} and {rs.beta_fast}; YaRN's: 1 and 32)")
 
 
 def parse_length(text: str, train_length: int, key: str = "length") -> int:

@@ -20,6 +20,14 @@ import yaml
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message is one line naming the key."""
 
+    def renamed(self, names: dict[str, str]) -> "ConfigError":
+        """This error as a command without recipes must say it: each recipe key in `names` replaced
+        by that command's own name for it (`parallel.tensor_model_parallel_size` -> `--tp`)."""
+        message = str(self)
+        for key, name in names.items():
+            message = message.replace(key, name)
+        return ConfigError(message)
+
 
 def first_line(exc: BaseException) -> str:
     """What a one-line error quotes of a library's exception: its message's first line, or its

@@ -48,3 +48,37 @@ def test_a_save_leaves_no_helper_process_behind(tmp_path, monkeypatch):
         loaded = checkpoint.load_model(tmp_path / "ckpt", ParallelConfig())[0]
     saved = model.state_dict()
     assert all(torch.equal(t, saved[k]) for k, t in loaded.state_dict().items() if torch.is_tensor(t))
+
+
+def test_a_planted_object_in_a_checkpoint_is_never_unpickled(tmp_path):
+    """megatron-core unpickles a layer's `_extra_state` object unrestricted: a checkpoint from
+    elsewhere could run code when loaded, so those objects are not read at all."""
+    import dataclasses
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    marker = tmp_path / "code-ran"
+    model, recipe = tiny_model()
+    with distributed.session(single=True):
+        sharded = model.sharded_state_dict()
+        planted = {k: dataclasses.replace(v, data=_Planted(marker)) if isinstance(v, ShardedObject) else v
+                   for k, v in sharded.items()}
+        assert planted != sharded  # the layers do describe objects
+        recipe.model.padded_vocab_size = recipe.model.padded_vocab(1)
+        checkpoint.save_in_parts([planted], recipe.model, tmp_path / "ckpt")
+        loaded = checkpoint.load_model(tmp_path / "ckpt", ParallelConfig())[0]
+    assert not marker.exists()
+    saved = model.state_dict()
+    assert all(torch.equal(t, saved[k]) for k, t in loaded.state_dict().items() if torch.is_tensor(t))
+
+
+class _Planted:
+    """Unpickling it touches a file: the proof that code ran."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.path),)

@@ -32,5 +32,6 @@ def test_overrides_may_follow_options():
     args = parse(["smoke", "r.yaml", "train.steps=2", "--steps", "3", "train.lr=1e-3"])
     assert (args.recipe, args.overrides, args.steps) == ("r.yaml", ["train.steps=2", "train.lr=1e-3"], 3)
     assert parse(["eval", "a", "--out", "o", "B=b"]).models == ["a", "B=b"]
+    assert parse(["eval", "a", "--out", "o", "runs/b"]).models == ["a", "runs/b"]  # a model may be a bare path
     with pytest.raises(SystemExit):
         parse(["smoke", "r.yaml", "--steps", "3", "stray"])  # not key=value: still an error

@@ -108,6 +108,33 @@ def test_bad_overrides_fail_with_one_line(overrides, message):
     assert proc.stdout == ""
 
 
+# Values libraries would refuse only mid-run (with a traceback), or read as nothing: refused up front.
+REFUSED = [
+    (["train.adam_beta2=1.0"], "train.adam_beta1 and train.adam_beta2 must be within [0, 1)"),
+    (["train.adam_eps=-1"], "train.adam_eps and train.weight_decay must be >= 0"),
+    (["train.weight_decay=-0.1"], "train.adam_eps and train.weight_decay must be >= 0"),
+    (["train.seed=-1"], "train.seed=-1 must be within [0, 2**63)"),
+    (["eval.seed=99999999999999999999999"], "eval.seed=99999999999999999999999 must be within [0, 2**63)"),
+    (["eval.lengths=[2x,2x]"], "eval.lengths repeats an entry: ['2x', '2x']"),
+    (["model.init_method_std=-0.02"], "model.init_method_std=-0.02 must be >= 0"),
+    (["train.schedule=cosine", "train.decay_steps=5"], "train.decay_steps=5 has no effect with train.schedule=cosine"),
+    (["train.min_lr_ratio=0.5"], "train.min_lr_ratio=0.5 has no effect with train.schedule=constant"),
+    (["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8",
+      "model.rope_scaling.original_max_position_embeddings=16", "model.rope_scaling.low_freq_factor=0"],
+     "needs 0 < low_freq_factor < high_freq_factor (has 0.0 and 4.0"),
+    (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
+      "model.rope_scaling.original_max_position_embeddings=16", "model.rope_scaling.beta_fast=0.5"],
+     "needs 0 < beta_slow < beta_fast (has 1.0 and 0.5"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", REFUSED, ids=[r[1][:40] for r in REFUSED])
+def test_values_no_run_can_use_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_recipe(None, overrides)
+    assert message in str(info.value)
+
+
 def test_bad_recipe_files(tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  num_layers: [1,\n")

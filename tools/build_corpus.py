@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from drope_megatron.cli import quiet_library_warnings
 from drope_megatron.config import ConfigError
 from drope_megatron.data.corpus import HELDOUT_MIN_CHARS, build_corpus
 
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-min-chars", type=int, default=HELDOUT_MIN_CHARS,
                    help="shortest held-out document, in characters")
     args = p.parse_args(argv)
+    quiet_library_warnings()
     start = time.perf_counter()
     try:
         out = build_corpus(args.out, vocab_size=args.vocab_size, max_chars=args.max_chars, seed=args.seed,

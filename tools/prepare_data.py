@@ -15,10 +15,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from drope_megatron import atomic
+from drope_megatron.cli import quiet_library_warnings
 from drope_megatron.config import ConfigError, DataConfig
 from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import load_tokenizer
+
+# The data settings this tool fills from its flags, and so names by them in its errors.
+FLAG_NAMES = {"data.paths": "--input", "data.tokenizer": "--tokenizer", "data.text_key": "--text-key"}
 
 
 def main(argv=None) -> int:
@@ -29,6 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--text-key", default="text", help="text column of json/parquet input")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT.bin/.idx")
     args = p.parse_args(argv)
+    quiet_library_warnings()
     start = time.perf_counter()
     try:
         for suffix in (".bin", ".idx"):
@@ -38,7 +43,7 @@ def main(argv=None) -> int:
         docs = tqdm(documents(d, tok, epoch=0, seed=0), desc="tokenising", unit="doc", mininterval=2)
         info = write_indexed(docs, args.out, tok.vocab_size)
     except ConfigError as exc:
-        print(f"prepare_data: error: {exc}", file=sys.stderr)
+        print(f"prepare_data: error: {exc.renamed(FLAG_NAMES)}", file=sys.stderr)
         return 2
     print(f"{args.out}.bin/.idx: {info['documents']} documents, {info['tokens']:,} tokens ({info['dtype']}) "
           f"in {time.perf_counter() - start:.1f}s")

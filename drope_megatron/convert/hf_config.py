@@ -31,7 +31,11 @@ def _rope_scaling(rp: dict[str, Any], max_positions: int) -> RopeScalingConfig:
     kind = rp.get("rope_type", "default")
     if kind == "default":
         return RopeScalingConfig()
-    factor = float(rp["factor"])
+    original = rp.get("original_max_position_embeddings")
+    if rp.get("factor") is None and not (kind == "yarn" and original):
+        raise ConfigError(f"rope_type {kind!r} without a factor: set rope_scaling.factor in config.json")
+    # A YaRN factor of null is the context's growth, as transformers reads it (DeepSeek-V3's configs).
+    factor = float(rp["factor"]) if rp.get("factor") is not None else max_positions / int(original)
     if kind == "linear":
         return RopeScalingConfig(type="linear", factor=factor)
     if kind == "llama3":

@@ -34,10 +34,19 @@ def load_config(src: Path):
 
     if not (src / "config.json").is_file():
         raise ConfigError(f"{src} has no config.json: pass a local Hugging Face model folder")
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         return AutoConfig.from_pretrained(str(src), trust_remote_code=False)
-    except (OSError, ValueError, KeyError) as exc:  # OSError: transformers' word for invalid JSON
+    # OSError: transformers' word for invalid JSON; StrictDataclassError: a field of the wrong type.
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as exc:
         raise ConfigError(f"{src}/config.json cannot be read by transformers ({first_line(exc)})") from None
+
+
+# How `drope convert` names what a recipe calls by its keys: its flags and the source's config.json.
+_FLAG_NAMES = {"parallel.tensor_model_parallel_size": "--tp", "parallel.pipeline_model_parallel_size": "--pp",
+               "model.num_query_groups": "num_key_value_heads", "model.num_layers": "num_hidden_layers",
+               "model.ffn_hidden_size": "intermediate_size", "model.": ""}
 
 
 def read_source(src: Path, allow_sliding_window: bool):
@@ -55,7 +64,10 @@ def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto",
     torch_dtype = _stored_dtype(cfg, reader) if dtype == "auto" else dtypes.to_torch(dtype)
     parallel = ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     m.params_dtype = dtypes.name_of(torch_dtype)
-    validate(Recipe(model=m, parallel=parallel))  # TP/PP divisibility, before any work
+    try:  # TP/PP divisibility, before any work
+        validate(Recipe(model=m, parallel=parallel))
+    except ConfigError as exc:
+        raise exc.renamed(_FLAG_NAMES) from None
     m.padded_vocab_size = m.padded_vocab(tp)
     # Tensors with no Megatron counterpart that are taken as what they must be (checked now).
     accepted = (_zero_o_biases(reader) if getattr(cfg, "attention_bias", False) else set()) | \
@@ -85,7 +97,11 @@ def _stored_dtype(cfg, reader: SafetensorsReader) -> torch.dtype:
         return named
     if isinstance(named, str) and named in dtypes.NAMES:
         return dtypes.to_torch(named)
-    return reader.dtype()
+    stored = reader.dtype()
+    if dtypes.name_of(stored) not in dtypes.NAMES:
+        raise ConfigError(f"the weights are {stored} and config.json names no dtype: pass --dtype "
+                          f"({', '.join(dtypes.NAMES)})")
+    return stored
 
 
 def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, accepted: set[str], show_progress: bool):
@@ -93,7 +109,13 @@ def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, accept
     on their own), filled from the Hugging Face tensors."""
     from megatron.core.dist_checkpointing import ShardedObject
 
-    used: set[str] = set()
+    # Before any work: a tensor with no place (an FP8 scale, an unsupported part) refuses the source.
+    used = {h for name, spec in keys.items() if not isinstance(spec, ShardedObject)
+            for h in tensors.mapping_for(name).hf} | accepted
+    unused = [n for n in reader.names() if n not in used and not n.endswith(IGNORED)]
+    if unused:
+        raise ConfigError(f"{len(unused)} tensor(s) of the checkpoint have no place in the model, e.g. {unused[0]}: "
+                          "the architecture has parts this conversion does not support")
     bar = tqdm(total=len(keys), desc="hf -> megatron", unit="tensor", disable=not show_progress)
     done_bytes = 0
     for _, items in itertools.groupby(keys.items(), key=lambda kv: checkpoint.piece_of(kv[0])):
@@ -106,16 +128,10 @@ def _parts(keys: dict, reader: SafetensorsReader, shapes: tensors.Shapes, accept
             # The model's own dtype per tensor: megatron keeps some (norms) in fp32 under a bf16 model.
             data = _tensor(name, tuple(spec.data.shape), reader, shapes, spec.data.dtype)
             part[name] = dataclasses.replace(spec, data=data)
-            used.update(tensors.mapping_for(name).hf)
             done_bytes += data.numel() * data.element_size()
             bar.set_postfix(MiB=f"{done_bytes / 2**20:.0f}")
         yield part
     bar.close()
-    used.update(accepted)
-    unused = [n for n in reader.names() if n not in used and not n.endswith(IGNORED)]
-    if unused:
-        raise ConfigError(f"{len(unused)} tensor(s) of the checkpoint have no place in the model, e.g. {unused[0]}: "
-                          "the architecture has parts this conversion does not support")
 
 
 def _tensor(name: str, shape: tuple, reader: SafetensorsReader, shapes: tensors.Shapes, dtype: torch.dtype):

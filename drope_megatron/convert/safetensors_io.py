@@ -44,11 +44,11 @@ class SafetensorsReader:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        if (folder / INDEX).is_file():
-            weight_map = _weight_map(folder / INDEX)
-        elif (folder / SINGLE).is_file():
+        if (folder / SINGLE).is_file():  # before an index, as transformers looks: the weights it would load
             with self._open(SINGLE) as shard:
                 weight_map = {name: SINGLE for name in shard.keys()}
+        elif (folder / INDEX).is_file():
+            weight_map = _weight_map(folder / INDEX)
         elif any(folder.glob("pytorch_model*.bin")):
             raise ConfigError(f"{folder} holds only pickled pytorch_model*.bin weights, which are not loaded "
                               "(unsafe): re-save it with save_pretrained(..., safe_serialization=True)")

@@ -169,8 +169,11 @@ def _train_tokenizer(train: list[dict], vocab_size: int) -> bytes:
             pad_id=-1, unk_id=0, bos_id=1, eos_id=2, character_coverage=1.0,
             num_threads=2, minloglevel=2)
     except RuntimeError as exc:
+        # Too few pieces for the text's characters, or more pieces than the text can make.
+        fix = "raise --vocab-size" if "smaller than required_chars" in str(exc) else \
+            "lower --vocab-size or raise --max-chars"
         raise ConfigError(f"sentencepiece could not train a {vocab_size}-piece vocabulary ({first_line(exc)}): "
-                          "lower --vocab-size or raise --max-chars") from None
+                          f"{fix}") from None
     return model.getvalue()
 
 

@@ -49,18 +49,34 @@ def file_names(d: DataConfig) -> list[str]:
 def check_paths(d: DataConfig) -> None:
     """Every local path is there and of its kind: found before a run starts (or writes anything)."""
     if d.format == "hub":
+        if len(d.paths) != 1:
+            raise ConfigError(f"data.format=hub reads one dataset name, data.paths has {len(d.paths)}: "
+                              "train on one (or list downloaded files instead)")
         return
     if d.format == "megatron":
         for prefix in d.paths:
             if not (Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file()):
                 raise ConfigError(f"Megatron dataset {prefix}.bin/.idx not found: data.paths takes path prefixes")
         return
+    halves = [p for p in d.paths if p.endswith((".bin", ".idx")) and _kind(p[:-4]) == "megatron"]
+    if halves:  # read as text otherwise: binary token ids taken for characters
+        raise ConfigError(f"data path {halves[0]} is half of a Megatron dataset: list its prefix {halves[0][:-4]}")
     missing = [p for p in d.paths if not (glob.glob(p) if glob.has_magic(p) else Path(p).exists())]
     if missing:
         raise ConfigError(f"data file {missing[0]} does not exist: fix data.paths")
     folders = [p for p in d.paths if Path(p).is_dir()]
     if folders:  # datasets would say it cannot find a folder that is there
         raise ConfigError(f"data path {folders[0]} is a folder: list its files, e.g. {folders[0]}/*.parquet")
+
+
+def format_note(d: DataConfig) -> str | None:
+    """A note when `data.format=text` is told for files whose names say json or parquet: legitimate
+    (raw text that happens to be named so), but more often a recipe written before `auto`."""
+    named = {_kind(p) for p in d.paths} - {"text"} if d.format == "text" else set()
+    if named:
+        return (f"data.format=text reads {', '.join(d.paths)} as plain text (one document per file) although "
+                f"the names say {'/'.join(sorted(named))}: remove data.format to read their data.text_key")
+    return None
 
 
 def resolved(d: DataConfig) -> DataConfig:
@@ -83,6 +99,7 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
         return
     import pyarrow
     from datasets.exceptions import DatasetGenerationError
+    from datasets.table import CastError  # files whose columns differ, raised bare when streaming
 
     try:
         # Empty rows go before the order is fixed, so that `start` counts the documents packing saw.
@@ -97,7 +114,7 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
                 raise ConfigError(f"data in {', '.join(d.paths)}: a {d.text_key!r} value is {type(text).__name__}, "
                                   "not text: fix the data or set data.text_key")
             yield [*tokenizer.bos, *tokenizer.encode(text), tokenizer.eos_id]
-    except (DatasetGenerationError, pyarrow.ArrowException) as exc:
+    except (DatasetGenerationError, CastError, pyarrow.ArrowException) as exc:
         cause = first_line(exc.__cause__ or exc)
         raise ConfigError(f"data in {', '.join(d.paths)} cannot be read as {d.format} ({cause}): fix the file or "
                           "data.format") from None
@@ -112,7 +129,11 @@ def _hf_dataset(d: DataConfig):
     import datasets
 
     if d.format == "hub":
-        return datasets.load_dataset(d.paths[0], split="train", streaming=d.streaming)
+        try:
+            return datasets.load_dataset(d.paths[0], split="train", streaming=d.streaming)
+        except (OSError, ValueError) as exc:  # offline, no such dataset, a config name needed
+            raise ConfigError(f"hub dataset {d.paths[0]} cannot be loaded ({first_line(exc)}): check the name, "
+                              "the network, or download it and list its files in data.paths") from None
     builder = {"text": "text", "json": "json", "parquet": "parquet"}[d.format]
     # Its json reader logs a parse error before raising it; `documents` turns the raise into one line.
     datasets.utils.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
@@ -139,3 +160,18 @@ def _indexed(d: DataConfig, epoch: int, seed: int, start: int, vocab_size: int |
                               f"vocabulary is {vocab_size}: it was tokenised with another tokenizer; prepare "
                               "it again with the model's own")
         yield doc
+
+
+def check_ends(d: DataConfig, eos_id: int, sample: int = 16) -> None:
+    """For training: the first documents of each indexed set end with the EOS. Packing adds nothing
+    between documents, so a set written without it (preprocess_data.py lacking --append-eod) would
+    train on documents run together."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    for prefix in d.paths if d.format == "megatron" else ():
+        ds = IndexedDataset(prefix)
+        bad = next((k for k in range(min(sample, len(ds))) if not ds[k].size or int(ds[k][-1]) != eos_id), None)
+        if bad is not None:
+            raise ConfigError(f"Megatron dataset {prefix}: document {bad} does not end with the tokenizer's EOS "
+                              f"(id {eos_id}), so documents would run together: prepare it with "
+                              "tools/prepare_data.py or Megatron-LM's preprocess_data.py --append-eod")

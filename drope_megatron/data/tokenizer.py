@@ -14,7 +14,8 @@ SENTENCEPIECE = "tokenizer.model"
 # A tokenizer folder's files (and generation settings, which travel with it); nothing else of a
 # model folder given as `data.tokenizer` is ever copied.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", SENTENCEPIECE, "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                   "chat_template.json")  # the older file of a chat template
 
 
 @dataclass

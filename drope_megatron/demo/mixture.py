@@ -17,6 +17,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
+from drope_megatron import atomic
 from drope_megatron.config import DataConfig
 from drope_megatron.data.documents import documents
 from drope_megatron.data.indexed import write_indexed
@@ -58,6 +59,9 @@ def build(corpus: Path, tokenizer: Path, out: Path, seq_length: int, retrieval_s
     prefixes = {"prose": str(out / "prose"), "retrieval": str(out / "retrieval")}
     if is_built(corpus, tokenizer, out, seq_length, retrieval_share, seed):
         return prefixes
+    # The manifest goes first and comes back last: a rebuild stopped halfway, with some files of the
+    # new settings beside others of the old, is never taken for a finished build of either.
+    manifest.unlink(missing_ok=True)
     tok = load_tokenizer(tokenizer)
     prose = DataConfig(paths=[str(corpus / "train.jsonl")], format="json", shuffle=False)
     counts = {"prose": write_indexed(documents(prose, tok, 0, seed), prefixes["prose"], tok.vocab_size)}
@@ -65,5 +69,5 @@ def build(corpus: Path, tokenizer: Path, out: Path, seq_length: int, retrieval_s
     wanted = counts["prose"]["tokens"] * retrieval_share / (1 - retrieval_share)
     docs = retrieval_documents(tok, max(1, round(wanted / mean_length)), seq_length, seed, progress)
     counts["retrieval"] = write_indexed(docs, prefixes["retrieval"], tok.vocab_size)
-    manifest.write_text(json.dumps({"settings": settings, "counts": counts}, indent=2) + "\n")
+    atomic.write_json(manifest, {"settings": settings, "counts": counts})
     return prefixes

@@ -74,6 +74,10 @@ class Demo:
         """Run or reuse the stages up to `until`; the report's path when that stage was reached."""
         if self.until not in STAGES:
             raise ConfigError(f"--until {self.until!r}: use one of {', '.join(STAGES)}")
+        placed = [o for o in self.overrides if o.partition("=")[0] in ("train.init_from", "train.save_dir")]
+        if placed:  # the stages chain through WORK: a run elsewhere would leave the next stage nothing
+            raise ConfigError(f"demo override {placed[0]}: the demo places its runs in its work folder; "
+                              "choose that with --work")
         self._eval_recipe_section()  # every override is checked now, not after the training
         self._recipe_model()
         self.work.mkdir(parents=True, exist_ok=True)
@@ -156,7 +160,7 @@ class Demo:
             return
         run_dir = self.work / "pretrain"
         self._drope_cmd("pretrain", str(self.pretrain_recipe), *self._data_args(),
-                        f"data.tokenizer={self._tokenizer()}", f"train.save_dir={run_dir}",
+                        _setting("data.tokenizer", self._tokenizer()), _setting("train.save_dir", run_dir),
                         *(SMOKE_PRETRAIN if self.smoke else []))
         self._drope_cmd("convert", "megatron-to-hf", str(run_dir / "final"), str(self.work / "rope-hf"),
                         "--dtype", "bfloat16", "--overwrite", "--quiet")
@@ -164,24 +168,33 @@ class Demo:
                         "--dtype", "float32", "--overwrite", "--quiet")
 
     def _drope(self) -> None:
-        self._drope_cmd("recalibrate", str(self.recipe), *self._data_args(), f"train.init_from={self.work / 'rope'}",
-                        f"train.save_dir={self.work / 'drope'}", *(SMOKE_RECAL if self.smoke else []),
+        self._drope_cmd("recalibrate", str(self.recipe), *self._data_args(),
+                        _setting("train.init_from", self.work / "rope"), _setting("train.save_dir", self.work / "drope"),
+                        *(SMOKE_RECAL if self.smoke else []),
                         *self._split()[0])
 
     def _eval(self) -> None:
+        self._drope_cmd("eval", *self._eval_args())
+
+    def _eval_args(self) -> list[str]:
         recipe = self.recipe
         if self._split()[1]:  # drope eval reads a recipe's eval section: this one, with the overrides in it
             recipe = self.work / "eval-recipe.yaml"
             atomic.write_text(recipe, yaml.safe_dump({"eval": self._eval_recipe_section()}, sort_keys=False))
-        self._drope_cmd("eval", f"RoPE={self.work / 'rope'}", f"DroPE={self.work / 'drope' / 'final'}",
-                        "--recipe", str(recipe), "--data", str(self.work / "corpus" / "heldout.jsonl"),
-                        "--out", str(self.work / "eval"), "--overwrite", *(self._smoke_eval() if self.smoke else []))
+        # The corpus's held-out split, unless an eval.data override names other text (a flag would win).
+        heldout = [] if "data" in self._eval_overridden() else ["--data", str(self.work / "corpus" / "heldout.jsonl")]
+        return [f"RoPE={self.work / 'rope'}", f"DroPE={self.work / 'drope' / 'final'}", "--recipe", str(recipe),
+                *heldout, "--out", str(self.work / "eval"), "--overwrite", *(self._smoke_eval() if self.smoke else [])]
 
     def _smoke_eval(self) -> list[str]:
         """The smoke sizes, less those an eval.* override sets (flags would win over the recipe)."""
-        mine = {o.partition("=")[0].removeprefix("eval.") for o in self._split()[1]}
+        mine = self._eval_overridden()
         pairs = zip(SMOKE_EVAL[::2], SMOKE_EVAL[1::2])
         return [word for flag, value in pairs if flag.removeprefix("--") not in mine for word in (flag, value)]
+
+    def _eval_overridden(self) -> set[str]:
+        """The eval.* keys the overrides set (`data`, `lengths`, ...)."""
+        return {o.partition("=")[0].removeprefix("eval.").split(".")[0] for o in self._split()[1]}
 
     def _export(self) -> None:
         self._drope_cmd("convert", "megatron-to-hf", str(self.work / "drope" / "final"), str(self.work / "drope-hf"),
@@ -195,7 +208,7 @@ class Demo:
     def _data_args(self) -> list[str]:
         d = self.work / "data"
         # Recalibration takes the tokenizer of the checkpoint it starts from.
-        return [f"data.paths=[{d / 'prose'},{d / 'retrieval'}]", "data.format=megatron"]
+        return [_setting("data.paths", [str(d / "prose"), str(d / "retrieval")]), "data.format=megatron"]
 
     def _tokenizer(self) -> Path:
         """The RoPE model's tokenizer: the shipped one, or the corpus's when pretraining here."""
@@ -226,7 +239,7 @@ class Demo:
         from drope_megatron.config import load_recipe
 
         # As the recalibration will read it: from this demo's RoPE checkpoint.
-        return load_recipe(str(self.recipe), [f"train.init_from={self.work / 'rope'}",
+        return load_recipe(str(self.recipe), [_setting("train.init_from", self.work / "rope"),
                                               *(SMOKE_RECAL if self.smoke else []), *self._split()[0]]).model
 
     def _vocab(self) -> int:
@@ -238,6 +251,12 @@ class Demo:
 
     def _seq_length(self) -> int:
         return self._recipe_model().seq_length
+
+
+def _setting(key: str, value) -> str:
+    """An override whose value is read back exactly: JSON is YAML, and a path holding ' #' or ', '
+    stays one path (written bare, YAML would read a comment or a list there)."""
+    return f"{key}={json.dumps(value if isinstance(value, list) else str(value))}"
 
 
 def _digest(path: Path) -> str:

@@ -8,6 +8,7 @@ length, positional phase, tokenizer).
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from pathlib import Path
 
@@ -15,8 +16,10 @@ import torch
 
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ParallelConfig
+from drope_megatron.convert.hf_to_megatron import load_config
 from drope_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from drope_megatron.eval import scaling
+from drope_megatron.typed_yaml import first_line
 
 
 def model_kind(path: Path) -> str:
@@ -85,19 +88,22 @@ class HFBackend:
     whole_model = True  # every process holds all of it: under --tp each process is a data-parallel rank
 
     def __init__(self, path: Path, dtype: str | None):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         from drope_megatron import dtypes
 
         self.path = path
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        config = load_config(path)
         torch_dtype = dtypes.to_torch(dtype) if dtype else "auto"
-        self.model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype,
-                                                          attn_implementation="sdpa", trust_remote_code=False)
+        try:
+            self.model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=torch_dtype,
+                                                              attn_implementation="sdpa", trust_remote_code=False)
+        except (OSError, ValueError) as exc:  # no weights, a class transformers lacks, remote code
+            raise ConfigError(f"{path} cannot be loaded by transformers ({first_line(exc)})") from None
         self.model.eval().to(distributed.compute_device())
         self.device = next(self.model.parameters()).device
         self.rope = dict(getattr(config, "rope_parameters", None) or {})  # as loaded; "none" restores it
-        self.max_positions = config.max_position_embeddings
+        self.max_positions = getattr(config, "max_position_embeddings", None)
         self.base = float(self.rope.get("rope_theta", 10000.0))
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.rotary_dim = int(head_dim * self.rope.get("partial_rotary_factor", 1.0))
@@ -105,7 +111,7 @@ class HFBackend:
         nested = any(isinstance(v, dict) for v in self.rope.values())
         kind = "per-layer-type" if nested else self.rope.get("rope_type", "default")
         self.scaled = None if kind == "default" else kind  # a RoPE scaling the model already has
-        self.train_length = int(self.rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+        self.train_length = hf_train_length(config)
         self.phase = _hf_phase(config, getattr(self.model.base_model, "rotary_emb", None))
         self.vocab_size = config.vocab_size
         self.method = "none"
@@ -139,10 +145,46 @@ class HFBackend:
         return out[..., : self.vocab_size]
 
 
+def hf_train_length(config) -> int:
+    """The context a transformers model was trained at: before any RoPE scaling it has."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    length = rope.get("original_max_position_embeddings") or getattr(config, "max_position_embeddings", None)
+    if not length:  # Bloom's config names none
+        raise ConfigError(f"{type(config).__name__} names no max_position_embeddings, the training context that "
+                          "lengths like 2x multiply: add it to config.json")
+    return int(length)
+
+
+def hf_position_limit(path: Path) -> tuple[int | None, int]:
+    """Before any model runs: a folder's config reads (one-line error), and the most positions its
+    architecture takes when it holds a table of them (GPT-2's learned one, GPT-J's fixed sin/cos:
+    past it, indexing fails), from a weightless copy; None when positions are computed at any
+    length (RoPE, ALiBi, none). Also its training length."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: transformers cannot build a causal LM from its config ({first_line(exc)})") \
+            from None
+    limit = getattr(config, "max_position_embeddings", None)
+    # OPT's learned table has two rows more than it has positions.
+    tables = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+              if _POSITIONS.search(name) and t.dim() >= 1 and limit and limit <= t.shape[0] <= limit + 2]
+    return (limit if tables else None), hf_train_length(config)
+
+
+_POSITIONS = re.compile(r"(^|\.)(wpe|embed_positions|position_embeddings)(\.|$)")
+
+
 def _hf_phase(config, rotary) -> str:
     """rope, drope (every layer NoPE, e.g. an exported DroPE model), layers, or other: no RoPE at
-    all (GPT-2's learned positions, Bloom's ALiBi), which the RoPE baselines do not apply to."""
-    if getattr(config, "rope_parameters", None) is None and not isinstance(rotary, torch.nn.Module):
+    all (GPT-2's learned positions, Bloom's and ALiBi Falcon's ALiBi), which the RoPE baselines do
+    not apply to. (Falcon builds a rotary module even when it uses ALiBi instead.)"""
+    if getattr(config, "alibi", False) or (getattr(config, "rope_parameters", None) is None
+                                           and not isinstance(rotary, torch.nn.Module)):
         return "other"
     nope = getattr(config, "no_rope_layers", None)  # SmolLM3: 1 = RoPE, 0 = NoPE
     if nope is None:

@@ -20,11 +20,12 @@ from drope_megatron.data.documents import documents, file_format
 from drope_megatron.data.tokenizer import Tokenizer
 
 def long_documents(paths: list[str], tokenizer: Tokenizer, min_tokens: int, limit: int,
-                   text_key: str = "text") -> list[list[int]]:
-    """The first `limit` documents (in file order) of at least `min_tokens` tokens, cut to that length."""
+                   text_key: str = "text", vocab_size: int | None = None) -> list[list[int]]:
+    """The first `limit` documents (in file order) of at least `min_tokens` tokens, cut to that length.
+    Already tokenised (Megatron) documents are checked against the model's `vocab_size`."""
     d = DataConfig(paths=list(paths), format=file_format(paths), text_key=text_key, shuffle=False)
     found, longest = [], 0
-    for doc in documents(d, tokenizer, epoch=0, seed=0):
+    for doc in documents(d, tokenizer, epoch=0, seed=0, vocab_size=vocab_size):
         longest = max(longest, len(doc))
         if len(doc) >= min_tokens:
             found.append(list(doc[:min_tokens]))

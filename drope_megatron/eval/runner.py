@@ -15,10 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from drope_megatron import atomic, distributed
+from drope_megatron import atomic, checkpoint, distributed
 from drope_megatron.config import ConfigError, EvalConfig, ParallelConfig, parse_length
 from drope_megatron.eval import perplexity, report, retrieval, tasks
-from drope_megatron.eval.backends import describe, model_kind, open_backend
+from drope_megatron.eval.backends import describe, hf_position_limit, model_kind, open_backend
 
 
 def expand_tasks(names: list[str]) -> list[str]:
@@ -52,10 +52,15 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
 def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = False, tp: int = 1,
         dtype: str | None = None, progress: bool = True) -> dict | None:
     """Evaluate, then write the report to `out` on rank 0; returns the results there (None elsewhere)."""
+    out = Path(out).resolve()  # `--out .` has a name to stage beside
     atomic.refuse_existing(out, overwrite)
+    if tp < 1:
+        raise ConfigError(f"--tp {tp} must be >= 1")
     names = expand_tasks(e.tasks)
     if "ppl" in names and not e.data:
         raise ConfigError("perplexity needs held-out documents: pass --data FILE (text, json/jsonl or parquet)")
+    for label, path in models.items():  # before any model runs: a late refusal would lose the others' work
+        _check_lengths(label, path, e, names)
     results = {"lengths": list(e.lengths), "tasks": names, "seed": e.seed, "models": {}, "rows": {}, "seconds": {}}
     with distributed.session(ParallelConfig(tensor_model_parallel_size=tp), e.seed) as env:
         for label, path in models.items():
@@ -72,6 +77,19 @@ def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = Fal
     return results
 
 
+def _check_lengths(label: str, path: Path, e: EvalConfig, names: list[str]) -> None:
+    """Every length fits the model: perplexity needs a token to predict, and a model with a table of
+    positions (GPT-2, GPT-J) has none past it."""
+    limit, train_length = (None, checkpoint.model_config(path).seq_length) if model_kind(path) == "megatron" \
+        else hf_position_limit(path)
+    lengths = [parse_length(text, train_length, key="--lengths") for text in e.lengths]
+    if "ppl" in names and min(lengths) < 2:
+        raise ConfigError(f"--lengths gives {label} a length of {min(lengths)} token: perplexity needs >= 2")
+    if limit is not None and max(lengths) > limit:
+        raise ConfigError(f"{label} ({path}) holds a table of {limit} positions, so it cannot run at "
+                          f"{max(lengths)} tokens: evaluate it at lengths up to {limit} on its own")
+
+
 def _evaluate(backend, label: str, e: EvalConfig, names: list[str], progress: bool) -> dict[str, dict]:
     lengths = {text: parse_length(text, backend.train_length, key="--lengths") for text in e.lengths}
     methods = ["none", *e.baselines] if backend.phase == "rope" and not backend.scaled else ["none"]
@@ -82,8 +100,11 @@ def _evaluate(backend, label: str, e: EvalConfig, names: list[str], progress: bo
     for method in methods[1:]:  # a model that cannot take a method fails now, not after its first pass
         backend.use(method, backend.train_length)
     backend.use("none", backend.train_length)
-    docs = (perplexity.long_documents(e.data, backend.tokenizer, max(lengths.values()), e.documents, e.text_key)
-            if "ppl" in names else [])
+    docs = (perplexity.long_documents(e.data, backend.tokenizer, max(lengths.values()), e.documents, e.text_key,
+                                      backend.vocab_size) if "ppl" in names else [])
+    if docs and len(docs) < e.documents and progress:
+        print(f"drope eval: {label}: only {len(docs)} of the {e.documents} documents asked for hold "
+              f"{max(lengths.values())} tokens; perplexity is over those", file=sys.stderr)
     prompts = {(task, text): retrieval.samples(task, backend.tokenizer, tokens, e.depths, e.samples, e.seed)
                for task in names if task != "ppl" for text, tokens in lengths.items()}
     rows: dict[str, dict] = {}

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from drope_megatron import checkpoint, distributed
 from drope_megatron.config import ConfigError, ModelConfig, Recipe
-from drope_megatron.data.documents import check_paths, documents, file_names, resolved
+from drope_megatron.data.documents import check_ends, check_paths, documents, file_names, format_note, resolved
 from drope_megatron.data.packing import BatchStream, block_stream
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.model import build_model
@@ -101,6 +101,8 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
         if t.compile_layers:
             model.compile_layers()
         tok = _tokenizer(recipe, m)
+        if tok is not None:  # before the run folder exists
+            check_ends(recipe.data, tok.eos_id)
         engine = ds_engine.initialize(model, t, ds_config)
         run_dir = Path(t.save_dir) if t.save_dir else None
         layout = _layout(m, p, dp, engine, ds_config, t)
@@ -108,6 +110,9 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
         if client:
             ds_engine.rates_from_schedule(engine.lr_scheduler)
         step, position = (client["step"], client["data_position"]) if client else (0, 0)
+        if step > t.steps:  # the loop would not run, and `final` would be the later checkpoint's
+            raise ConfigError(f"{run_dir} has a checkpoint at step {step}, past train.steps={t.steps}: raise "
+                              "train.steps or start a new run directory")
         if client and env.rank == 0:
             print(f"drope: resuming {run_dir} at step {step} (data position {position})", file=sys.stderr)
         if tok is None and t.save_dir:  # Megatron-format data trains without one
@@ -117,6 +122,7 @@ def train(recipe: Recipe, phase: str, show_progress: bool = True, notes: list[st
         if not t.init_from and asked not in (ModelConfig.params_dtype, m.params_dtype):
             notes = [*notes, f"model.params_dtype={asked} does not apply: this run trains in {m.params_dtype}, "
                              "as train.precision (or the DeepSpeed config's bf16 block) decides"]
+        notes = [*notes, *filter(None, [format_note(recipe.data)])]
         for note in notes if env.rank == 0 else ():
             print(f"drope: note: {note}", file=sys.stderr)
         if run_dir is None and env.rank == 0:  # legitimate for benchmarks; a mistake for a real run
@@ -174,13 +180,24 @@ def _layout(m: ModelConfig, p, dp: int, engine, ds_config: dict, t) -> dict[str,
     """What a checkpoint must have been written under to be resumed: the layout its optimizer
     state is sharded by, the precision and offload its optimizer wrapper has, and the optimizer's
     settings, which DeepSpeed restores from the checkpoint over the recipe's (Megatron-LM refuses
-    such a change too). The schedule is rebuilt from the recipe."""
+    such a change too), and the model's shape and attention math (another would fail to load, or
+    silently train another model). The schedule is rebuilt from the recipe."""
     offload = (ds_config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
     return {"phase": m.phase, "tp": p.tensor_model_parallel_size, "dp": dp,
             "zero_stage": engine.zero_optimization_stage(), "bf16": ds_config["bf16"]["enabled"] is True,
             "offload_optimizer": offload not in (None, "none"), "train.lr": t.lr,
             "train.weight_decay": t.weight_decay, "train.adam_beta1": t.adam_beta1,
-            "train.adam_beta2": t.adam_beta2, "train.adam_eps": t.adam_eps}
+            "train.adam_beta2": t.adam_beta2, "train.adam_eps": t.adam_eps, **model_layout(m)}
+
+
+# Settings a resume may change: how the same math runs, or what only a fresh start reads.
+RESUMABLE_MODEL_KEYS = {"phase", "fused_kernels", "attention_backend", "params_dtype", "init_method_std",
+                        "make_vocab_size_divisible_by"}
+
+
+def model_layout(m: ModelConfig) -> dict[str, Any]:
+    """The model settings a checkpoint must have been written under, as `model.KEY`."""
+    return {f"model.{k}": v for k, v in dataclasses.asdict(m).items() if k not in RESUMABLE_MODEL_KEYS}
 
 
 def _steps(engine, stream, recipe, m, step, run_dir, layout, log, show_progress) -> dict:

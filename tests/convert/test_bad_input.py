@@ -71,6 +71,14 @@ def extra_tensor(folder):
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def float64_weights(folder):
+    from safetensors.torch import load_file
+
+    weights = {k: v.double() for k, v in load_file(str(folder / "model.safetensors")).items()}
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    edit_config(dtype=None, torch_dtype=None)(folder)
+
+
 CASES = {
     "unsupported-architecture": (edit_config(model_type="gpt2", architectures=["GPT2LMHeadModel"]), [],
                                  "unsupported architecture model_type='gpt2'"),
@@ -82,9 +90,11 @@ CASES = {
     "config-not-json": (lambda f: (f / "config.json").write_text("{not json"), [],
                         "config.json cannot be read by transformers"),
     "shape-mismatch": (edit_config(intermediate_size=80), [], "has shape [96, 64] but config.json implies [80, 64]"),
-    "groups-vs-tp": (lambda f: None, ["--tp", "4"], "num_query_groups=2 is not divisible by "
-                                                    "parallel.tensor_model_parallel_size=4"),
+    "groups-vs-tp": (lambda f: None, ["--tp", "4"], "num_key_value_heads=2 is not divisible by --tp=4"),
     "gelu": (edit_config(hidden_act="gelu"), [], "hidden_act='gelu' is not supported"),
+    "field-type": (edit_config(hidden_size="64"), [], "config.json cannot be read by transformers"),
+    "float64-no-dtype": (float64_weights, [], "the weights are torch.float64 and config.json names no dtype: pass "
+                                              "--dtype"),
     "unknown-tensor": (extra_tensor, [], "have no place in the model, e.g. model.layers.0.self_attn.o_proj.bias"),
     "sliding-window": (edit_config(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=16),
                        [], "pass --ignore-sliding-window"),
@@ -125,7 +135,7 @@ def test_existing_output_needs_overwrite(good_hf, tmp_path):
 
 def test_zero_tp_is_refused(good_hf, tmp_path):
     proc = drope("convert", "hf-to-megatron", str(good_hf), str(tmp_path / "m"), "--tp", "0", "--quiet")
-    assert proc.returncode == 2 and "parallel.tensor_model_parallel_size=0 must be positive" in proc.stderr
+    assert proc.returncode == 2 and "--tp=0 must be positive" in proc.stderr
 
 
 def test_damaged_checkpoints_and_bad_verify_input(good_hf, tmp_path, capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from drope_megatron.convert.families import family_for
 from drope_megatron.convert.hf_config import model_config_from_hf
 from tests.convert.hf_models import hf_config
@@ -14,3 +16,17 @@ def test_null_yarn_betas_are_transformers_defaults():
     cfg = hf_config("llama", rope_scaling=scaling)
     m = model_config_from_hf(cfg, family_for(cfg.model_type))
     assert (m.rope_scaling.type, m.rope_scaling.beta_fast, m.rope_scaling.beta_slow) == ("yarn", 32.0, 1.0)
+
+
+def test_a_null_yarn_factor_is_the_context_growth_as_transformers_reads_it():
+    """DeepSeek-V3-style: factor null, the growth from original_max_position_embeddings to max_position_embeddings."""
+    from transformers import LlamaForCausalLM
+
+    scaling = {"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32}
+    cfg = hf_config("llama", rope_scaling=scaling, max_position_embeddings=128)
+    m = model_config_from_hf(cfg, family_for(cfg.model_type))
+    assert (m.rope_scaling.type, m.rope_scaling.factor, m.rope_scaling.original_max_position_embeddings) == \
+        ("yarn", 4.0, 32)
+    # transformers' own attention factor for that model is YaRN's 0.1 * ln(4) + 1: the same factor.
+    rotary = LlamaForCausalLM(cfg).model.rotary_emb
+    assert abs(rotary.attention_scaling - (0.1 * math.log(4.0) + 1)) < 1e-6

@@ -119,12 +119,14 @@ def test_tokenizer_and_generation_config_travel(tmp_path):
     save_hf_model(hf_dir, hf_config("llama"))
     tokenizer.save_pretrained(str(hf_dir))
     GenerationConfig(max_new_tokens=7, bos_token_id=1, eos_token_id=2).save_pretrained(str(hf_dir))
+    (hf_dir / "chat_template.json").write_text('{"chat_template": "{{ messages[0].content }}"}')  # the older file
     convert(hf_dir, tmp_path / "meg", show_progress=False)
     assert (tmp_path / "meg" / "tokenizer" / "tokenizer.json").is_file()
     export(tmp_path / "meg", tmp_path / "out", show_progress=False)
     again = AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert again("w5 w7 w42")["input_ids"] == tokenizer("w5 w7 w42")["input_ids"] == [5, 7, 42]
     assert GenerationConfig.from_pretrained(str(tmp_path / "out")).max_new_tokens == 7
+    assert (tmp_path / "out" / "chat_template.json").read_text() == (hf_dir / "chat_template.json").read_text()
 
 
 def test_a_tied_model_that_also_stores_lm_head_converts_or_is_refused(tmp_path):

@@ -135,3 +135,14 @@ def test_no_tensor_is_kept_once_written(tmp_path):
             del array
             assert freed() is None, f"{name} is still held"
     assert torch.equal(load_file(tmp_path / SINGLE)["t3"], torch.ones(1000))
+
+
+def test_a_folder_with_both_layouts_is_read_as_transformers_loads_it(tmp_path):
+    """model.safetensors beside an index (an old sharded copy left in the folder): transformers
+    loads the single file, so the conversion reads it too."""
+    from drope_megatron.convert.safetensors_io import SafetensorsReader
+
+    _write(tmp_path, {"w": torch.zeros(250), "v": torch.zeros(250)}, max_bytes=1500)  # an index, two shards
+    save_file({"w": torch.ones(3)}, str(tmp_path / SINGLE))
+    reader = SafetensorsReader(tmp_path)
+    assert reader.names() == ["w"] and torch.equal(reader.get("w"), torch.ones(3))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from drope_megatron.config import ConfigError, DataConfig
-from drope_megatron.data.documents import documents, file_format, file_names
+from drope_megatron.data.documents import check_paths, documents, file_format, file_names, format_note, resolved
 from drope_megatron.data.indexed import write_indexed
 from drope_megatron.data.tokenizer import Tokenizer
 
@@ -22,7 +22,7 @@ def sources(tmp_path_factory):
     texts = [f"document {i} " + "x" * i for i in range(12)]
     rows = [*texts[:3], "", None, *texts[3:8], "", *texts[8:]]  # empty rows are no documents
     (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in rows))
-    write_indexed(([ord(c) for c in t] for t in texts), str(folder / "docs"), 256)
+    write_indexed(([ord(c) for c in t] + [CHARS.eos_id] for t in texts), str(folder / "docs"), 256)
     return {"json": DataConfig(paths=[str(folder / "docs.jsonl")], format="json"),
             "megatron": DataConfig(paths=[str(folder / "docs")], format="megatron")}
 
@@ -65,6 +65,25 @@ def test_unreadable_json_and_values_that_are_not_text_fail_in_one_line(tmp_path,
         d = DataConfig(paths=[str(tmp_path / f"{name}.jsonl")], format="json", streaming=streaming, shuffle=False)
         with pytest.raises(ConfigError, match=message):
             list(documents(d, CHARS, 0, seed=0))
+    # Files whose columns differ: streamed, datasets raised its CastError bare (a traceback).
+    (tmp_path / "other.jsonl").write_text('{"content": "a column of another name"}\n')
+    d = DataConfig(paths=[str(tmp_path / "numbers.jsonl"), str(tmp_path / "other.jsonl")], format="json",
+                   streaming=streaming, shuffle=False)
+    with pytest.raises(ConfigError, match=r"cannot be read as json \(.*(cast|column).*\): fix the"):
+        list(documents(d, CHARS, 0, seed=0))
+
+
+def test_hub_data_is_one_name_and_a_failed_load_is_one_line(monkeypatch):
+    import datasets
+    import huggingface_hub.constants
+
+    # What a machine without the hub sees, at once (datasets read the variables at import).
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ConfigError, match="data.format=hub reads one dataset name, data.paths has 2"):
+        list(documents(DataConfig(paths=["org/a", "org/b"], format="hub"), CHARS, 0, seed=0))
+    with pytest.raises(ConfigError, match="hub dataset someorg/nonexistent-ds cannot be loaded"):
+        list(documents(DataConfig(paths=["someorg/nonexistent-ds"], format="hub"), CHARS, 0, seed=0))
 
 
 def test_the_format_is_told_by_the_paths_by_default(sources, tmp_path):
@@ -99,3 +118,17 @@ def test_a_stream_knows_its_files_by_name_wherever_they_are(sources, tmp_path):
     assert file_names(DataConfig(paths=[str(tmp_path / "*.jsonl")])) == ["a.jsonl", "b.jsonl"]
     assert file_names(DataConfig(paths=["a.jsonl", "b.jsonl"])) == ["a.jsonl", "b.jsonl"]
     assert file_names(sources["megatron"]) == ["docs"]
+
+
+def test_half_of_a_megatron_dataset_names_its_prefix(sources):
+    prefix = sources["megatron"].paths[0]
+    with pytest.raises(ConfigError, match=f"data path {prefix}.bin is half of a Megatron dataset: list its prefix"):
+        check_paths(resolved(DataConfig(paths=[prefix + ".bin"])))
+
+
+def test_text_format_on_json_names_is_noted():
+    """Told explicitly, text is honoured (raw text may be named anything), but the run says so."""
+    note = format_note(DataConfig(paths=["a.jsonl", "b.txt"], format="text"))
+    assert "reads a.jsonl, b.txt as plain text" in note and "names say json" in note
+    assert format_note(DataConfig(paths=["a.jsonl"], format="auto")) is None
+    assert format_note(DataConfig(paths=["a.txt"], format="text")) is None

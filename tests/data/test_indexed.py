@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from drope_megatron.config import ConfigError, DataConfig
-from drope_megatron.data.documents import documents
+from drope_megatron.data.documents import check_ends, documents
 from drope_megatron.data.indexed import write_indexed
 from tests.helpers import ROOT, run
 
@@ -78,3 +78,15 @@ def test_prepare_data_tool(tmp_path, capsys):
     assert code == 2 and "cannot be read as json (JSON parse error" in err
     assert "Traceback" not in err and "Failed to load JSON" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_documents_without_eos_are_refused_for_training(tmp_path):
+    """A set written without EOS (preprocess_data.py lacking --append-eod) would train on documents
+    run together: refused, given the id that ends a document (the run's tokenizer's)."""
+    d = DataConfig(paths=[str(tmp_path / "set")], format="megatron", shuffle=False)
+    write_indexed([[5, 6, 2], [7, 2]], tmp_path / "set", vocab_size=100)
+    check_ends(d, eos_id=2)
+    write_indexed([[5, 6, 2], [7, 8]], tmp_path / "set", vocab_size=100)
+    with pytest.raises(ConfigError, match=r"document 1 does not end with the tokenizer's EOS \(id 2\)"):
+        check_ends(d, eos_id=2)
+    assert [r.tolist() for r in documents(d, None, 0, 0)] == [[5, 6, 2], [7, 8]]  # evaluation reads it as is

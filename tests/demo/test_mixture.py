@@ -62,3 +62,20 @@ def test_rebuilt_exactly_when_a_setting_changes(corpus, tmp_path):
     before = sum(len(d) for d in _read(str(out / "retrieval")))
     mixture.build(corpus, TOKENIZER, out, SEQ, retrieval_share=0.5)
     assert sum(len(d) for d in _read(str(out / "retrieval"))) > before
+
+
+def test_a_rebuild_stopped_halfway_is_not_taken_for_either_build(corpus, tmp_path, monkeypatch):
+    """Other settings rewrite prose.bin first: stopped there, the old manifest must not vouch for it."""
+    out = tmp_path / "data"
+    mixture.build(corpus, TOKENIZER, out, SEQ, retrieval_share=0.3)
+    real_write = mixture.write_indexed
+
+    def stop_at_retrieval(docs, prefix, vocab_size):
+        if str(prefix).endswith("retrieval"):
+            raise KeyboardInterrupt
+        return real_write(docs, prefix, vocab_size)
+
+    monkeypatch.setattr(mixture, "write_indexed", stop_at_retrieval)  # an interrupt at a known point
+    with pytest.raises(KeyboardInterrupt):
+        mixture.build(corpus, TOKENIZER, out, 2 * SEQ, retrieval_share=0.3)
+    assert not mixture.is_built(corpus, TOKENIZER, out, SEQ, 0.3)

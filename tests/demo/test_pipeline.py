@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from drope_megatron.data.tokenizer import load_tokenizer
 from drope_megatron.demo.pipeline import SHIPPED
 from tests.helpers import drope
@@ -105,3 +107,25 @@ def test_a_run_folder_the_demo_did_not_make_is_kept(tmp_path, capsys):
     demo._start("drope", {"overrides": []}, tmp_path / "stages.json")
     assert not (tmp_path / "drope").exists() and "removing the earlier run" in capsys.readouterr().out
     assert json.loads((tmp_path / "stages.json").read_text())["inputs"]["drope"] == {"overrides": []}
+
+
+def test_overrides_reach_what_they_name(tmp_path):
+    """eval.data replaces the held-out split; a work folder holding ' #' or ', ' stays one path; runs
+    placed outside the work folder are refused before anything is made."""
+    from drope_megatron.config import ConfigError
+    from drope_megatron.demo.pipeline import Demo, _setting
+    from drope_megatron.typed_yaml import apply_override
+
+    work = tmp_path / "demo #2, final"
+    args = Demo(work=work, overrides=["eval.data=[/data/mine.jsonl]"])._eval_args()
+    assert "--data" not in args and "/data/mine.jsonl" in (work / "eval-recipe.yaml").read_text()
+    plain = Demo(work=work)._eval_args()
+    assert plain[plain.index("--data") + 1] == str(work / "corpus" / "heldout.jsonl")
+    raw = {}
+    for item in [_setting("train.save_dir", work / "drope"), _setting("data.paths", [str(work / "a"), "b"])]:
+        apply_override(raw, item)
+    assert raw == {"train": {"save_dir": str(work / "drope")}, "data": {"paths": [str(work / "a"), "b"]}}
+    for key in ("train.save_dir", "train.init_from"):
+        with pytest.raises(ConfigError, match=f"demo override {key}=/elsewhere: .* choose that with --work"):
+            Demo(work=tmp_path / "never", overrides=[f"{key}=/elsewhere"]).run()
+    assert not (tmp_path / "never").exists()

@@ -5,6 +5,8 @@ chunks, equal the whole computation."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -83,10 +85,51 @@ def test_a_model_without_rope_is_evaluated_without_baselines(tmp_path, corpus, c
 
 def test_baselines_a_model_cannot_take_are_refused_before_any_evaluation(tmp_path, corpus):
     # GPT-J's rotary table is fixed at its 32 positions and reads no rope_parameters: before, the
-    # plain pass at 256 tokens ran first and failed with an IndexError.
+    # plain pass ran first and only then did the baseline fail.
     folder = _save(tmp_path / "gptj", "gptj", vocab_size=VOCAB, rotary_dim=8)
     (folder / "tokenizer.model").write_bytes((corpus / "tokenizer.model").read_bytes())
-    e = EvalConfig(lengths=["256"], tasks=["passkey"], baselines=["pi"], depths=[0.5], samples=1)
+    e = EvalConfig(lengths=["32"], tasks=["passkey"], baselines=["pi"], depths=[0.5], samples=1)
     with pytest.raises(ConfigError, match="no shared rotary module that reads rope_parameters"):
         runner.run({"gptj": folder}, e, tmp_path / "report", progress=False)
     assert not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize("family", ["gpt2", "gptj"])  # a learned table; a fixed sin/cos one
+def test_lengths_past_a_table_of_positions_are_refused_before_any_evaluation(tmp_path, corpus, family):
+    """Indexing past the table failed with an IndexError (a device assert on CUDA), after the
+    shorter lengths had run; a RoPE model beside it is not limited."""
+    extra = {"rotary_dim": 8} if family == "gptj" else {}
+    folder = _save(tmp_path / family, family, vocab_size=VOCAB, positions=64, **extra)
+    rope = _save(tmp_path / "llama", "llama", vocab_size=VOCAB, positions=64)
+    e = EvalConfig(lengths=["1x", "2x"], tasks=["passkey"], depths=[0.5], samples=1)
+    with pytest.raises(ConfigError, match=f"{family} .* holds a table of 64 positions, so it cannot run at 128"):
+        runner.run({"llama": rope, family: folder}, e, tmp_path / "report", progress=False)
+    assert not (tmp_path / "report").exists()
+    assert runner._check_lengths("llama", rope, e, ["passkey"]) is None
+
+
+def test_an_alibi_falcon_is_no_rope_model_and_a_dot_out_is_the_folder_itself(tmp_path, corpus, monkeypatch,
+                                                                                capsys):
+    """Falcon builds a rotary module even under ALiBi, and applies it only without: its baseline
+    rows were copies of the plain one. Fewer long documents than asked for are said."""
+    folder = _save(tmp_path / "falcon", "falcon", vocab_size=VOCAB, positions=256, alibi=True)
+    (folder / "tokenizer.model").write_bytes((corpus / "tokenizer.model").read_bytes())
+    e = EvalConfig(lengths=["256"], tasks=["ppl"], baselines=["pi"], data=[str(corpus / "valid.jsonl")],
+                   documents=1000)
+    (tmp_path / "report").mkdir()
+    monkeypatch.chdir(tmp_path / "report")  # `--out .`: staged beside the folder, not inside a nameless one
+    results = runner.run({"falcon": folder}, e, Path("."), overwrite=True, progress=True)
+    assert results["models"]["falcon"]["phase"] == "other" and list(results["rows"]) == ["falcon"]
+    assert (tmp_path / "report" / "results.json").is_file()
+    used = results["rows"]["falcon"]["ppl"]["256"]["documents"]
+    assert 0 < used < 1000 and f"only {used} of the 1000 documents asked for hold 256 tokens" in capsys.readouterr().err
+
+
+def test_a_config_without_a_training_context_is_refused_in_one_line(tmp_path):
+    """Bloom names no max_position_embeddings (ALiBi has no limit): lengths like 2x have nothing to multiply."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=1, n_head=4)).save_pretrained(
+        str(tmp_path / "bloom"))
+    with pytest.raises(ConfigError, match="BloomConfig names no max_position_embeddings"):
+        runner._check_lengths("bloom", tmp_path / "bloom", EvalConfig(lengths=["2x"]), ["ppl"])

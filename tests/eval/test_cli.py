@@ -7,7 +7,8 @@ import json
 import pytest
 
 from drope_megatron.config import ConfigError
-from tests.eval.conftest import TRAIN_LENGTH
+from drope_megatron.data.indexed import write_indexed
+from tests.eval.conftest import TRAIN_LENGTH, VOCAB
 from tests.helpers import drope
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -54,6 +55,9 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
         (["--tasks", "passkey", "--lengths", "two"], "neither a multiple"),
         (["--tasks", "passkey", "--depths", "1.5"], "eval.depths must be fractions"),
         (["--tasks", "passkey", "--depths", "0,abc"], "--depths '0,abc'"),
+        (["--tasks", "passkey", "--tp", "0"], "--tp 0 must be >= 1"),
+        (["--tasks", "ppl", "--data", str(corpus / "valid.jsonl"), "--lengths", "1"],
+         "a length of 1 token: perplexity needs >= 2"),
     ]
     for args, message in early:
         assert main(["eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", *args]) == 2, args
@@ -62,6 +66,18 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
         assert not out.exists()
     assert main(["eval", str(tmp_path), "--out", str(out), "--tasks", "passkey"]) == 2
     assert "neither a drope Megatron checkpoint nor a Hugging Face" in capsys.readouterr().err
+    # A second model's broken config is found before the first model runs.
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "config.json").write_text('{"model_type": "nonexistent_arch"}')
+    assert main(["eval", str(checkpoints["rope"]), str(tmp_path / "odd"), "--out", str(out), "--quiet",
+                 "--tasks", "passkey"]) == 2
+    assert "odd/config.json cannot be read by transformers" in capsys.readouterr().err
+    # Token ids past the model's vocabulary in an indexed set (another tokenizer's): refused, not embedded.
+    write_indexed([list(range(VOCAB - 5, VOCAB + 295))], tmp_path / "ids", vocab_size=2 * VOCAB)
+    assert main(["eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", "--tasks", "ppl", "--data",
+                 str(tmp_path / "ids"), "--lengths", "64"]) == 2
+    assert f"holds token id {VOCAB + 294} but the model's vocabulary is {VOCAB}" in capsys.readouterr().err
+    assert not out.exists()
     # Found only once the tokenizer reads the documents: a real child process, nothing half-written.
     proc = drope("eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", "--tasks", "ppl", "--data",
                  str(corpus / "valid.jsonl"), "--lengths", "64x", timeout=120)

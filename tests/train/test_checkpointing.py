@@ -34,6 +34,29 @@ def test_latest_naming_a_missing_checkpoint_is_refused_in_one_line(tmp_path):
         checkpointing.load(None, tmp_path, {"tp": 1})
 
 
+def test_a_resume_with_another_model_is_refused_before_loading(tmp_path):
+    """Another shape failed inside DeepSpeed's load with a traceback; another attention math (a
+    softmax scale) resumed silently. Settings only a fresh start reads may change."""
+    import dataclasses
+    import json
+
+    from drope_megatron.config import ModelConfig
+    from drope_megatron.train.loop import model_layout
+
+    m = ModelConfig(num_layers=2, hidden_size=64)
+    _complete(tmp_path, 100)
+    (tmp_path / "step00000100" / checkpointing.STATE).write_text(json.dumps({"step": 100, **model_layout(m)}))
+    (tmp_path / "latest").write_text("step00000100\n")
+    for change, said in [({"qk_norm": True}, "model.qk_norm=False now True"),
+                         ({"softmax_scale": 0.5}, "model.softmax_scale=None now 0.5"),
+                         ({"rope_scaling": dataclasses.replace(m.rope_scaling, type="linear", factor=2.0)},
+                          "model.rope_scaling=")]:
+        with pytest.raises(ConfigError, match=f"written with other settings \\({said}"):
+            checkpointing.load(None, tmp_path, model_layout(dataclasses.replace(m, **change)))
+    same = model_layout(dataclasses.replace(m, fused_kernels=False, init_method_std=0.01, phase="drope"))
+    assert same == model_layout(m)
+
+
 def test_bf16_zero1_resumes_its_fp32_accumulating_optimizer(megatron_world, tmp_path):
     import torch
 

@@ -23,3 +23,19 @@ def test_a_disabled_log_writes_nothing(tmp_path):
     log.log(1, {"loss": 1.0})
     log.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_mirrors_the_log_and_forgets_steps_past_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = MetricsLog(tmp_path, tensorboard=True, enabled=True)
+    for step in range(1, 6):
+        first.log(step, {"loss": 1.0 / step, "phase": "drope"})  # text is for the JSON lines only
+    first.close()
+    resumed = MetricsLog(tmp_path, tensorboard=True, enabled=True, start=3)
+    resumed.log(4, {"loss": 0.75})
+    resumed.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert events.Tags()["scalars"] == ["loss"]
+    assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.75)]

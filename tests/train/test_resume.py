@@ -103,3 +103,6 @@ def test_resume_at_another_world_size_is_refused(corpus, tmp_path):
     proc = drope(*job_args(corpus, run_dir, "train.zero_stage=1", "train.lr=1e-4", "train.precision=bf16"))
     assert proc.returncode == 2
     assert "was written with other settings (bf16=False now True, train.lr=0.001 now 0.0001)" in proc.stderr
+    # Fewer steps than the checkpoint has: the loop would not run and `final` would be step 3's.
+    proc = drope(*job_args(corpus, run_dir, "train.zero_stage=1", "train.steps=2"))
+    assert proc.returncode == 2 and "has a checkpoint at step 3, past train.steps=2" in proc.stderr, proc.stderr[-800:]
