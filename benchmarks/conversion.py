@@ -11,7 +11,8 @@ step's writeback.
     python benchmarks/conversion.py --quick    # a tiny model (CI)
     python benchmarks/conversion.py --layers 32   # twice as deep (2.1B, 4.1 GB): memory stays
 
-Each step runs in its own process; its peak RSS is that process's own maximum.
+Each step runs in its own process; its peak RSS is the largest of that process and those it starts
+(megatron-core's forked writers), each counted alone.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def generate(folder: Path, shape: dict) -> int:
 
 
 def measured(cmd: list[str]) -> dict:
-    """One step in its own process: wall time and its own peak RSS."""
+    """One step in its own process: wall time and the peak RSS of its largest process."""
     os.sync()  # earlier steps' dirty pages are not this step's cost
     return children.measured(cmd)
 

@@ -8,7 +8,7 @@ random-token data; each run in its own process. Achieved FLOP/s (6N + attention 
 compared with a large matmul timed in the same run. Ratios print last.
 
     python benchmarks/train_throughput.py           # 13M params, seq 256, ZeRO 0 and 3, 24 steps
-    python benchmarks/train_throughput.py --quick   # a tiny model, ZeRO 0, 4 steps (CI)
+    python benchmarks/train_throughput.py --quick   # a tiny model, ZeRO 0 and 3, 4 steps (CI)
     (on a GPU the full mode uses the GPU shape below: 0.4B parameters, seq 2048, ZeRO 0 and 2, and
     also times our model without megatron's fused kernels)
     python benchmarks/train_throughput.py --compile # also ours with train.compile_layers=true

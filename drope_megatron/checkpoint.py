@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from drope_megatron import atomic
+from drope_megatron import atomic, safe_metadata
 from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
                                    validate)
 from drope_megatron.typed_yaml import first_line
@@ -222,6 +222,7 @@ def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_q
     weights = Path(path) / "weights"
     if not (weights / "metadata.json").is_file() and not (weights / PARTS).is_file():
         raise ConfigError(f"{weights} is missing or incomplete: the checkpoint is damaged")
+    safe_metadata.vet(weights)  # before megatron-core unpickles it
     return m, new_norms, weights
 
 

@@ -82,3 +82,23 @@ class _Planted:
         from pathlib import Path
 
         return Path.touch, (Path(self.path),)
+
+
+def test_a_planted_checkpoint_index_is_refused_unread(tmp_path):
+    """torch's checkpoint index (`.metadata`) is a pickle that megatron-core reads with pickle.load:
+    one from elsewhere is vetted against what torch writes there before anything loads it."""
+    import pickle
+
+    from drope_megatron.config import ConfigError
+
+    marker = tmp_path / "code-ran"
+    model, recipe = tiny_model()
+    with distributed.session(single=True):
+        checkpoint.save(model, recipe.model, tmp_path / "ckpt")
+        index = tmp_path / "ckpt" / "weights" / ".metadata"
+        assert index.is_file()
+        checkpoint.load_model(tmp_path / "ckpt", ParallelConfig())  # torch's own index passes
+        index.write_bytes(pickle.dumps(_Planted(marker)))
+        with pytest.raises(ConfigError, match=r"\.metadata is not a plain torch checkpoint index \(pathlib"):
+            checkpoint.load_model(tmp_path / "ckpt", ParallelConfig())
+    assert not marker.exists()

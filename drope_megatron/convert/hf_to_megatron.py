@@ -58,7 +58,7 @@ def read_source(src: Path, allow_sliding_window: bool):
 def convert(src: Path, dst: Path, tp: int = 1, pp: int = 1, dtype: str = "auto", overwrite: bool = False,
             allow_sliding_window: bool = False, show_progress: bool = True) -> Path:
     src, dst = Path(src), Path(dst)
-    atomic.refuse_existing(dst, overwrite)
+    atomic.refuse_existing(dst, overwrite, checkpoint.META)
     cfg, family, m = read_source(src, allow_sliding_window)
     reader = SafetensorsReader(src)
     torch_dtype = _stored_dtype(cfg, reader) if dtype == "auto" else dtypes.to_torch(dtype)

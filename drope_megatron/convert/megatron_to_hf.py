@@ -29,7 +29,7 @@ def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwr
            max_shard_bytes: int = 5 * 2**30, show_progress: bool = True) -> str:
     """Write the Hugging Face folder; returns a one-line description of what was written."""
     src, dst = Path(src), Path(dst)
-    atomic.refuse_existing(dst, overwrite)
+    atomic.refuse_existing(dst, overwrite, "config.json")
     meta = checkpoint.read_meta(src)
     m = checkpoint.model_config(src)
     if arch == "auto":

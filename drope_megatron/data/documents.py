@@ -106,6 +106,8 @@ def documents(d: DataConfig, tokenizer: Tokenizer | None, epoch: int, seed: int,
         dataset = _hf_dataset(d).filter(_has_text, input_columns=[d.text_key], batched=True)
         if d.shuffle:
             dataset = dataset.shuffle(seed=seed + epoch)
+        if start and not d.streaming and start >= len(dataset):
+            return  # a checkpoint taken just after an epoch's last document (skip would raise)
         if start:
             dataset = dataset.skip(start)
         for row in dataset:  # a streamed file is parsed only here

@@ -52,8 +52,7 @@ def parse_models(specs: list[str]) -> dict[str, Path]:
 def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = False, tp: int = 1,
         dtype: str | None = None, progress: bool = True) -> dict | None:
     """Evaluate, then write the report to `out` on rank 0; returns the results there (None elsewhere)."""
-    out = Path(out).resolve()  # `--out .` has a name to stage beside
-    atomic.refuse_existing(out, overwrite)
+    atomic.refuse_existing(out, overwrite, "results.json")
     if tp < 1:
         raise ConfigError(f"--tp {tp} must be >= 1")
     names = expand_tasks(e.tasks)

@@ -36,7 +36,8 @@ def transformer_config(m: ModelConfig, p: ParallelConfig) -> TransformerConfig:
         tensor_model_parallel_size=p.tensor_model_parallel_size,
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype is torch.bfloat16, fp16=dtype is torch.float16,
-        # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP.
+        # Initialise full weights on the CPU, then shard: the same seed gives the same model at any TP
+        # whose padded vocabulary is the same (a larger padding draws more, shifting later weights).
         use_cpu_initialization=True, **compat.kernel_fusions(m.fused_kernels, dtype),
     )
     return config

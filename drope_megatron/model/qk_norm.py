@@ -27,8 +27,10 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the TP group in forward and in backward (reduce-then-copy composes exactly that)."""
-    return copy_to_tensor_model_parallel_region(reduce_from_tensor_model_parallel_region(x))
+    """Sum over the TP group in forward and in backward (reduce-then-copy composes exactly that).
+    The clone: both functions return their input itself, which torch.compile refuses once the
+    all-reduce has written into it."""
+    return copy_to_tensor_model_parallel_region(reduce_from_tensor_model_parallel_region(x).clone())
 
 
 class FullWidthRMSNorm(MegatronModule):

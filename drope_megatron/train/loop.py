@@ -190,9 +190,9 @@ def _layout(m: ModelConfig, p, dp: int, engine, ds_config: dict, t) -> dict[str,
             "train.adam_beta2": t.adam_beta2, "train.adam_eps": t.adam_eps, **model_layout(m)}
 
 
-# Settings a resume may change: how the same math runs, or what only a fresh start reads.
-RESUMABLE_MODEL_KEYS = {"phase", "fused_kernels", "attention_backend", "params_dtype", "init_method_std",
-                        "make_vocab_size_divisible_by"}
+# Settings a resume may change: how the same math runs, or what only a fresh start reads. (Not
+# make_vocab_size_divisible_by: without a fixed padded_vocab_size it sizes the embedding.)
+RESUMABLE_MODEL_KEYS = {"phase", "fused_kernels", "attention_backend", "params_dtype", "init_method_std"}
 
 
 def model_layout(m: ModelConfig) -> dict[str, Any]:

@@ -27,8 +27,8 @@ class MetricsLog:
             kept = [line for line in path.read_text().splitlines(keepends=True) if _step(line) <= start]
             atomic.write_text(path, "".join(kept))
         self.file = open(path, "a")
-        if tensorboard:  # tensorboard hides the old events of steps past `start` likewise
-            self.board = require_tensorboard()(str(run_dir / "tensorboard"), purge_step=start + 1 if start else None)
+        if tensorboard:  # tensorboard hides the old events of steps past `start` likewise (a fresh folder has none)
+            self.board = require_tensorboard()(str(run_dir / "tensorboard"), purge_step=start + 1)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         if self.file is not None:

@@ -118,19 +118,30 @@ def test_bad_source_is_refused_cleanly(good_hf, tmp_path, case, capsys):
     assert not (dst.parent.exists() and any(dst.parent.iterdir())), list(dst.parent.iterdir())
 
 
-def test_existing_output_needs_overwrite(good_hf, tmp_path):
+def test_existing_output_needs_overwrite(good_hf, tmp_path, capsys):
+    from drope_megatron.cli import main
+
     dst = tmp_path / "meg"
     dst.mkdir()
     (dst / "keep.txt").write_text("mine")
     proc = drope("convert", "hf-to-megatron", str(good_hf), str(dst), "--quiet")
     assert proc.returncode == 2 and "already exists: pass --overwrite" in proc.stderr
     assert (dst / "keep.txt").read_text() == "mine"
-    proc = drope("convert", "hf-to-megatron", str(good_hf), str(dst), "--quiet", "--overwrite")
-    assert proc.returncode == 0 and not (dst / "keep.txt").exists() and (dst / "drope_checkpoint.json").is_file()
+    # --overwrite replaces a folder this command wrote, never one of other files (in this process from here).
+    assert main(["convert", "hf-to-megatron", str(good_hf), str(dst), "--quiet", "--overwrite"]) == 2
+    assert "holds other files (no drope_checkpoint.json" in capsys.readouterr().err
+    assert (dst / "keep.txt").read_text() == "mine"
+    (dst / "keep.txt").unlink()
+    for _ in range(2):  # into the empty folder, then over its own output
+        assert main(["convert", "hf-to-megatron", str(good_hf), str(dst), "--quiet", "--overwrite"]) == 0
+        assert (dst / "drope_checkpoint.json").is_file()
     out = tmp_path / "hf_out"
     out.mkdir()
     proc = drope("convert", "megatron-to-hf", str(dst), str(out), "--quiet")
     assert proc.returncode == 2 and "already exists: pass --overwrite" in proc.stderr
+    # Nor the current folder (without --overwrite here: this test must not risk the repository).
+    assert main(["convert", "megatron-to-hf", str(dst), ".", "--quiet"]) == 2
+    assert ". is (or holds) the current folder" in capsys.readouterr().err
 
 
 def test_zero_tp_is_refused(good_hf, tmp_path):

@@ -36,6 +36,7 @@ def test_an_epoch_from_a_later_document_is_the_rest_of_the_same_order(sources, k
 
     whole = read(1)
     assert len(whole) == 12 and read(1, start=7) == whole[7:]
+    assert read(1, start=12) == []  # a checkpoint just after the epoch's last document
     assert read(2) != whole and sorted(map(tuple, read(2))) == sorted(map(tuple, whole))  # reshuffled per epoch
 
 

@@ -5,8 +5,6 @@ chunks, equal the whole computation."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -108,17 +106,14 @@ def test_lengths_past_a_table_of_positions_are_refused_before_any_evaluation(tmp
     assert runner._check_lengths("llama", rope, e, ["passkey"]) is None
 
 
-def test_an_alibi_falcon_is_no_rope_model_and_a_dot_out_is_the_folder_itself(tmp_path, corpus, monkeypatch,
-                                                                                capsys):
+def test_an_alibi_falcon_is_no_rope_model(tmp_path, corpus, capsys):
     """Falcon builds a rotary module even under ALiBi, and applies it only without: its baseline
     rows were copies of the plain one. Fewer long documents than asked for are said."""
     folder = _save(tmp_path / "falcon", "falcon", vocab_size=VOCAB, positions=256, alibi=True)
     (folder / "tokenizer.model").write_bytes((corpus / "tokenizer.model").read_bytes())
     e = EvalConfig(lengths=["256"], tasks=["ppl"], baselines=["pi"], data=[str(corpus / "valid.jsonl")],
                    documents=1000)
-    (tmp_path / "report").mkdir()
-    monkeypatch.chdir(tmp_path / "report")  # `--out .`: staged beside the folder, not inside a nameless one
-    results = runner.run({"falcon": folder}, e, Path("."), overwrite=True, progress=True)
+    results = runner.run({"falcon": folder}, e, tmp_path / "report", progress=True)
     assert results["models"]["falcon"]["phase"] == "other" and list(results["rows"]) == ["falcon"]
     assert (tmp_path / "report" / "results.json").is_file()
     used = results["rows"]["falcon"]["ppl"]["256"]["documents"]

@@ -56,6 +56,8 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
         (["--tasks", "passkey", "--depths", "1.5"], "eval.depths must be fractions"),
         (["--tasks", "passkey", "--depths", "0,abc"], "--depths '0,abc'"),
         (["--tasks", "passkey", "--tp", "0"], "--tp 0 must be >= 1"),
+        # --overwrite replaces the whole folder: never the current one (here, the repository).
+        (["--tasks", "passkey", "--out", "."], ". is (or holds) the current folder"),
         (["--tasks", "ppl", "--data", str(corpus / "valid.jsonl"), "--lengths", "1"],
          "a length of 1 token: perplexity needs >= 2"),
     ]
@@ -66,6 +68,13 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
         assert not out.exists()
     assert main(["eval", str(tmp_path), "--out", str(out), "--tasks", "passkey"]) == 2
     assert "neither a drope Megatron checkpoint nor a Hugging Face" in capsys.readouterr().err
+    # A folder of other files is not replaced, --overwrite or not.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    assert main(["eval", str(checkpoints["rope"]), "--out", str(tmp_path / "mine"), "--overwrite", "--quiet",
+                 "--tasks", "passkey"]) == 2
+    assert "holds other files (no results.json" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     # A second model's broken config is found before the first model runs.
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text('{"model_type": "nonexistent_arch"}')

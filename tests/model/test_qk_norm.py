@@ -44,3 +44,22 @@ def test_qk_norm_changes_the_function_and_trains():
     loss.backward()
     grad = model.decoder.layers[0].self_attention.q_layernorm.weight.grad
     assert grad is not None and grad.abs().sum() > 0
+
+
+def test_full_width_norm_compiles_under_tensor_parallel(tmp_path):
+    """The TP all-reduce returned its input through two autograd functions: torch.compile refused
+    it (a view modified in place), so compiled layers with the QK-norm failed at TP>1."""
+    from tests.helpers import torchrun
+
+    proc = torchrun(2, ["tests/workers/qk_norm_probe.py", str(tmp_path)], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    norm = FullWidthRMSNorm(tiny_model("model.qk_norm=true")[0].config, hidden_size=16, num_heads=4)
+    x = torch.randn(5, 2, 4, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    y = norm(x)
+    weights = torch.cat([torch.arange(y[:, :, 2 * r:2 * r + 2].numel()).view(5, 2, 2, 16) for r in (0, 1)], dim=2)
+    (y * weights).sum().backward()
+    for kind in ("eager", "compiled"):
+        torch.testing.assert_close(torch.cat([r[kind][0] for r in ranks], dim=2), y.detach())
+        # Summed in another order across the ranks: float32 rounding of gradients up to ~300.
+        torch.testing.assert_close(torch.cat([r[kind][1] for r in ranks], dim=2), x.grad, rtol=1e-5, atol=1e-5)

@@ -39,3 +39,10 @@ def test_tensorboard_mirrors_the_log_and_forgets_steps_past_a_resume(tmp_path):
     events.Reload()
     assert events.Tags()["scalars"] == ["loss"]
     assert [(e.step, round(e.value, 4)) for e in events.Scalars("loss")] == [(1, 1.0), (2, 0.5), (3, 0.3333), (4, 0.75)]
+    # A rerun before the first checkpoint starts over: every earlier event goes, as every JSON line does.
+    again = MetricsLog(tmp_path, tensorboard=True, enabled=True, start=0)
+    again.log(1, {"loss": 2.0})
+    again.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0)]

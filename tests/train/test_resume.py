@@ -106,3 +106,6 @@ def test_resume_at_another_world_size_is_refused(corpus, tmp_path):
     # Fewer steps than the checkpoint has: the loop would not run and `final` would be step 3's.
     proc = drope(*job_args(corpus, run_dir, "train.zero_stage=1", "train.steps=2"))
     assert proc.returncode == 2 and "has a checkpoint at step 3, past train.steps=2" in proc.stderr, proc.stderr[-800:]
+    # Another model: refused in one line before DeepSpeed's load (which failed with a traceback).
+    proc = drope(*job_args(corpus, run_dir, "train.zero_stage=1", "model.qk_norm=true"))
+    assert proc.returncode == 2 and "(model.qk_norm=False now True)" in proc.stderr, proc.stderr[-800:]

@@ -30,9 +30,12 @@ def pretrain_args(corpus, run_dir, *extra):
 
 @pytest.fixture(scope="module")
 def tiny_files(tmp_path_factory):
+    from drope_megatron.data.indexed import write_indexed
+
     folder = tmp_path_factory.mktemp("tiny")
     (folder / "empty.txt").write_text("")
     (folder / "short.txt").write_text("w1 w2 w3\n")
+    write_indexed([[5, 6, 7] * 20] * 4, folder / "no-eos", vocab_size=160)  # preprocess_data.py without --append-eod
     return folder
 
 
@@ -50,11 +53,13 @@ def bad_cases(corpus, tiny):
         "no-save-dir": (["train.save_dir=null", "train.export_hf=/nonexistent/hf", "train.tensorboard=true"],
                         "train.save_dir is not set, and train.export_hf, train.tensorboard write there"),
         "export-exists": ([f"train.export_hf={tiny}"], f"train.export_hf {tiny} already exists: name a new folder"),
+        "no-eos": ([f"data.paths=[{tiny / 'no-eos'}]"], "document 0 does not end with the tokenizer's EOS"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing-file", "empty-dataset", "shorter-than-a-block", "vocab-mismatch",
-                                  "no-tokenizer", "pipeline", "batch", "ds-json", "no-save-dir", "export-exists"])
+                                  "no-tokenizer", "pipeline", "batch", "ds-json", "no-save-dir", "export-exists",
+                                  "no-eos"])
 def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     extra, message = bad_cases(corpus, tiny_files)[case]
     run_dir = tmp_path / "run"
@@ -63,7 +68,7 @@ def test_bad_training_input(corpus, tiny_files, tmp_path, case):
     assert message in proc.stderr and proc.stderr.strip().splitlines()[-1].startswith("drope: error:"), \
         proc.stderr[-2000:]
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "final").exists()
-    if case == "missing-file":  # found before the run folder is made (before: an empty metrics.jsonl)
+    if case in ("missing-file", "no-eos"):  # found before the run folder is made (before: an empty metrics.jsonl)
         assert not run_dir.exists()
     assert (tiny_files / "short.txt").is_file()  # an existing export folder is left as it was
 
