@@ -176,4 +176,5 @@ def check_ends(d: DataConfig, eos_id: int, sample: int = 16) -> None:
         if bad is not None:
             raise ConfigError(f"Megatron dataset {prefix}: document {bad} does not end with the tokenizer's EOS "
                               f"(id {eos_id}), so documents would run together: prepare it with "
-                              "tools/prepare_data.py or Megatron-LM's preprocess_data.py --append-eod")
+                              "tools/prepare_data.py or Megatron-LM's preprocess_data.py --append-eod "
+                              "(without --split-sentences, whose sentences are read as documents)")

@@ -254,9 +254,16 @@ class Demo:
 
 
 def _setting(key: str, value) -> str:
-    """An override whose value is read back exactly: JSON is YAML, and a path holding ' #' or ', '
-    stays one path (written bare, YAML would read a comment or a list there)."""
-    return f"{key}={json.dumps(value if isinstance(value, list) else str(value))}"
+    """An override whose value is read back exactly: bare where YAML reads it so (the commands the
+    report lists stay plain), else JSON, which YAML reads exactly (a path holding ' #' or ', '
+    would be read bare as a comment or a list)."""
+    plain = [str(v) for v in value] if isinstance(value, list) else str(value)
+    text = f"[{','.join(plain)}]" if isinstance(value, list) else plain
+    try:
+        exact = yaml.safe_load(text) == plain
+    except yaml.YAMLError:
+        exact = False
+    return f"{key}={text if exact else json.dumps(plain)}"
 
 
 def _digest(path: Path) -> str:

@@ -125,6 +125,9 @@ def test_overrides_reach_what_they_name(tmp_path):
     for item in [_setting("train.save_dir", work / "drope"), _setting("data.paths", [str(work / "a"), "b"])]:
         apply_override(raw, item)
     assert raw == {"train": {"save_dir": str(work / "drope")}, "data": {"paths": [str(work / "a"), "b"]}}
+    assert _setting("data.paths", ["runs/demo/a", "runs/demo/b"]) == "data.paths=[runs/demo/a,runs/demo/b]"
+    assert _setting("train.init_from", tmp_path / "1234") == f"train.init_from={tmp_path / '1234'}"
+    assert _setting("train.save_dir", "1234") == 'train.save_dir="1234"'  # bare, YAML would read a number
     for key in ("train.save_dir", "train.init_from"):
         with pytest.raises(ConfigError, match=f"demo override {key}=/elsewhere: .* choose that with --work"):
             Demo(work=tmp_path / "never", overrides=[f"{key}=/elsewhere"]).run()
