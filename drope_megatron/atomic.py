@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -45,20 +45,24 @@ def staging_dir(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.partial")
 
 
-def refuse_existing(dst: Path, overwrite: bool, marker: str | None = None) -> None:
+def refuse_existing(dst: Path, overwrite: bool, marker: str | None = None,
+                    owned: Callable[[Path], bool] | None = None) -> None:
     """An output folder that may be (re)placed: not there, or `overwrite` given and it is one this
-    command wrote (it holds `marker`) or empty. Replacing removes the whole folder, so never the
-    current folder or one holding it, and never a folder of other files."""
+    command wrote (it holds `marker`, or `owned` says so) or empty. Replacing removes the whole
+    folder, so never the current folder or one holding it, and never a folder of other files."""
     from drope_megatron.config import ConfigError
 
-    here, target = Path(os.getcwd()), Path(os.path.abspath(dst))
+    here, target = Path(os.path.realpath(os.getcwd())), Path(os.path.realpath(dst))
     if target == here or target in here.parents:
         raise ConfigError(f"{dst} is (or holds) the current folder, which the output would replace: name a new "
                           "folder")
     if dst.exists() and not overwrite:
         raise ConfigError(f"{dst} already exists: pass --overwrite to replace it")
-    if dst.is_dir() and marker and not (dst / marker).exists() and any(dst.iterdir()):
-        raise ConfigError(f"{dst} holds other files (no {marker}: not an output of this command), which "
+    if not dst.is_dir() or not any(dst.iterdir()):
+        return
+    if not (owned(dst) if owned else marker is None or (dst / marker).exists()):
+        what = f"no {marker}" if marker else "files this command does not write"
+        raise ConfigError(f"{dst} holds other files ({what}: not an output of this command), which "
                           "--overwrite would delete: name a new folder or empty it yourself")
 
 

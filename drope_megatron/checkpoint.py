@@ -222,7 +222,6 @@ def prepare(path: str | Path, p: ParallelConfig, dtype: str | None = None, add_q
     weights = Path(path) / "weights"
     if not (weights / "metadata.json").is_file() and not (weights / PARTS).is_file():
         raise ConfigError(f"{weights} is missing or incomplete: the checkpoint is damaged")
-    safe_metadata.vet(weights)  # before megatron-core unpickles it
     return m, new_norms, weights
 
 
@@ -237,7 +236,11 @@ def load_sharded(request: dict, weights: Path, whole: bool = True, offset: int =
     request = {key: spec for key, spec in request.items() if not isinstance(spec, ShardedObject)}
     if not (weights / PARTS).is_file():
         return _load(request, weights, whole) if whole else _load_part(request, weights)
-    where = {key: part for part, keys in json.loads((weights / PARTS).read_text())["parts"].items() for key in keys}
+    parts = json.loads((weights / PARTS).read_text())["parts"]
+    strays = [part for part in parts if Path(part).name != part or part in ("", ".", "..")]
+    if strays:  # a part is a folder of its own beside the list, never a path elsewhere
+        raise ConfigError(f"{weights / PARTS} names {strays[0]!r}, not a folder beside it: the checkpoint is damaged")
+    where = {key: part for part, keys in parts.items() for key in keys}
     groups: dict[str, dict] = {}
     missing = []
     for key, spec in request.items():
@@ -282,6 +285,7 @@ def _load_part(request: dict, folder: Path) -> dict:
 def _load(request: dict, weights: Path, whole: bool) -> dict:
     from megatron.core import dist_checkpointing
 
+    safe_metadata.vet(weights)  # the index megatron-core unpickles next, exactly this one
     try:
         return dist_checkpointing.load(request, str(weights), validate_access_integrity=whole)
     except dist_checkpointing.core.CheckpointingException as exc:

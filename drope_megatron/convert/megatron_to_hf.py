@@ -21,15 +21,24 @@ from drope_megatron import atomic, dtypes
 from drope_megatron.config import ParallelConfig, rope_flags
 from drope_megatron.convert import hf_config, hf_tokenizer, tensors
 from drope_megatron.convert.read_ahead import read_ahead
-from drope_megatron.convert.safetensors_io import ShardedWriter
+from drope_megatron.convert.safetensors_io import INDEX, ShardedWriter
 from drope_megatron import checkpoint
+
+
+def _an_export(folder: Path) -> bool:
+    """Only files an export writes: a Hugging Face model folder holds others (its README, scripts)."""
+    from drope_megatron.data.tokenizer import TOKENIZER_FILES
+
+    names = {"config.json", INDEX, *TOKENIZER_FILES}
+    return all(p.name in names or (p.name.startswith("model") and p.suffix == ".safetensors")
+               for p in folder.iterdir())
 
 
 def export(src: Path, dst: Path, arch: str = "auto", dtype: str = "auto", overwrite: bool = False,
            max_shard_bytes: int = 5 * 2**30, show_progress: bool = True) -> str:
     """Write the Hugging Face folder; returns a one-line description of what was written."""
     src, dst = Path(src), Path(dst)
-    atomic.refuse_existing(dst, overwrite, "config.json")
+    atomic.refuse_existing(dst, overwrite, owned=_an_export)
     meta = checkpoint.read_meta(src)
     m = checkpoint.model_config(src)
     if arch == "auto":

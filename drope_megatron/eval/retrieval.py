@@ -2,8 +2,10 @@
 
 Greedy decoding reproduces the answer's tokens exactly when, fed the prompt and the answer, the
 model's argmax at every answer position is the answer's next token: generation and teacher
-forcing agree up to the first mistake. So one forward pass scores a sample exactly, instead of
-one pass per generated token (a test checks the two agree).
+forcing agree up to the first mistake. The greedy answer is the answer only if it then stops:
+the token after it must not extend its last word (`85390455` for `8539045` is wrong). So one
+forward pass scores a sample exactly, instead of one pass per generated token (a test checks the
+two agree).
 
 Exact match is the score. Beside it, `found` counts answers whose first text-bearing token is
 right: at small scale a model can find the needle by its content yet fail to copy the rest, and
@@ -22,13 +24,24 @@ from drope_megatron.eval.tasks import Sample, make_sample
 
 
 def score(backend, sample: Sample) -> tuple[bool, list[int]]:
-    """(greedy output equals the answer, the greedy tokens up to and including the first miss)."""
-    ids = torch.tensor([sample.prompt + sample.answer[:-1]], dtype=torch.long)
-    predicted = backend.logits(ids, keep=len(sample.answer))[0].argmax(-1).tolist()
+    """(greedy output is the answer and ends there, the greedy tokens up to and including the
+    first miss, or the answer and the token after it)."""
+    ids = torch.tensor([sample.prompt + sample.answer], dtype=torch.long)
+    predicted = backend.logits(ids, keep=len(sample.answer) + 1)[0].argmax(-1).tolist()
     for i, (p, a) in enumerate(zip(predicted, sample.answer)):
         if p != a:
             return False, predicted[:i + 1]
-    return True, predicted
+    return not continues(backend.tokenizer, sample.answer, predicted[-1]), predicted
+
+
+def continues(tokenizer, answer: list[int], following: int) -> bool:
+    """`following` extends the answer's last word: its text starts with a letter or digit, glued on
+    (a space, punctuation, a newline or the EOS end the answer)."""
+    if following == tokenizer.eos_id:
+        return False
+    before, after = tokenizer.decode(answer), tokenizer.decode([*answer, following])
+    added = after[len(before):] if after.startswith(before) else after
+    return bool(added) and added[0].isalnum()
 
 
 def samples(task: str, tokenizer, length: int, depths: list[float], per_depth: int, seed: int) -> list[Sample]:

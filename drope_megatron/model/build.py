@@ -71,7 +71,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
     """
     config = transformer_config(m, p)
     config.perform_initialization = initialize
-    return DropeGPTModel(
+    model = DropeGPTModel(
         config=config,
         transformer_layer_spec=layer_spec(m),
         vocab_size=m.padded_vocab(p.tensor_model_parallel_size),
@@ -85,3 +85,28 @@ def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
         phase=m.phase,
         rope_layers=m.rope_layers,
     )
+    if not initialize:
+        _mark_split_weights(model)
+    return model
+
+
+def _mark_split_weights(model: DropeGPTModel) -> None:
+    """megatron-core marks a split weight tensor-parallel only while it initialises it at random.
+    A model built to be loaded needs the marks too: DeepSpeed's gradient norm (clipping, the logged
+    value) counts an unmarked weight on TP rank 0 only, as if every rank held the same copy."""
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(weight, torch.nn.Parameter) or hasattr(weight, "tensor_model_parallel"):
+            continue
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding, RowParallelLinear)):
+            dim = 1 if isinstance(module, RowParallelLinear) else 0
+            # SwiGLU's fc1 holds interleaved [gate, up] parts per rank, as megatron's MLP says (stride 2).
+            stride = 2 if name.endswith("linear_fc1") and model.config.gated_linear_unit else 1
+            set_tensor_model_parallel_attributes(weight, is_parallel=True, dim=dim, stride=stride)

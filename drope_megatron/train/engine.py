@@ -95,6 +95,9 @@ def _accumulation_dtype(config: dict[str, Any], source: str) -> dict[str, Any]:
     bf16 = config["bf16"].get("enabled") is True
     stage = config["zero_optimization"].get("stage", 0)
     chosen = (config.get("data_types") or {}).get("grad_accum_dtype")
+    if chosen == "auto":  # the recipe decides, as for every "auto" (DeepSpeed itself cannot read it)
+        config["data_types"] = {k: v for k, v in config["data_types"].items() if k != "grad_accum_dtype"}
+        chosen = None
     if bf16 and stage >= 1 and chosen is None:
         config["data_types"] = {**(config.get("data_types") or {}), "grad_accum_dtype": "fp32"}
     elif bf16 and stage == 0 and chosen in FP32_NAMES:

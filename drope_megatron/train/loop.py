@@ -185,7 +185,7 @@ def _layout(m: ModelConfig, p, dp: int, engine, ds_config: dict, t) -> dict[str,
     offload = (ds_config["zero_optimization"].get("offload_optimizer") or {}).get("device", "none")
     return {"phase": m.phase, "tp": p.tensor_model_parallel_size, "dp": dp,
             "zero_stage": engine.zero_optimization_stage(), "bf16": ds_config["bf16"]["enabled"] is True,
-            "offload_optimizer": offload not in (None, "none"), "train.lr": t.lr,
+            "offload_optimizer": offload not in (None, "none", "auto"), "train.lr": t.lr,  # DeepSpeed: auto is none
             "train.weight_decay": t.weight_decay, "train.adam_beta1": t.adam_beta1,
             "train.adam_beta2": t.adam_beta2, "train.adam_eps": t.adam_eps, **model_layout(m)}
 

@@ -139,6 +139,12 @@ def test_existing_output_needs_overwrite(good_hf, tmp_path, capsys):
     out.mkdir()
     proc = drope("convert", "megatron-to-hf", str(dst), str(out), "--quiet")
     assert proc.returncode == 2 and "already exists: pass --overwrite" in proc.stderr
+    # A model folder of its own (a config.json beside other files, the source's, say) is not an export.
+    (out / "config.json").write_text("{}")
+    (out / "README.md").write_text("mine")
+    assert main(["convert", "megatron-to-hf", str(dst), str(out), "--quiet", "--overwrite"]) == 2
+    assert "holds other files (files this command does not write" in capsys.readouterr().err
+    assert (out / "README.md").read_text() == "mine"
     # Nor the current folder (without --overwrite here: this test must not risk the repository).
     assert main(["convert", "megatron-to-hf", str(dst), ".", "--quiet"]) == 2
     assert ". is (or holds) the current folder" in capsys.readouterr().err

@@ -71,13 +71,25 @@ def test_scoring_agrees_with_greedy_decoding(checkpoints):
     backend = MegatronBackend(checkpoints["rope"], "float32", 1)
     for seed in range(3):
         sample = tasks.make_sample("passkey", backend.tokenizer, TRAIN_LENGTH, 0.5, random.Random(seed))
-        generated = _greedy(backend, sample.prompt, 6)
-        right = tasks.Sample("passkey", TRAIN_LENGTH, 0.5, sample.prompt, generated, "")
-        assert retrieval.score(backend, right) == (True, generated)
+        generated = _greedy(backend, sample.prompt, 7)
+        right = tasks.Sample("passkey", TRAIN_LENGTH, 0.5, sample.prompt, generated[:6], "")
+        stops = not retrieval.continues(backend.tokenizer, generated[:6], generated[6])
+        assert retrieval.score(backend, right) == (stops, generated)  # the 7th greedy token decides
         wrong = tasks.Sample("passkey", TRAIN_LENGTH, 0.5, sample.prompt, generated[:3] + [(generated[3] + 1) % 900] +
                              generated[4:], "")
         ok, predicted = retrieval.score(backend, wrong)
         assert not ok and predicted == generated[:4]
+
+
+def test_an_answer_is_exact_only_if_the_greedy_output_stops_there(tokenizer):
+    """`85390455` is not `8539045`: before, the token after the answer was never looked at."""
+    answer = tokenizer.encode(" 8539045")
+    piece = {text: tokenizer.encode(text)[-1] for text in ("5", ".", ",")}
+    assert retrieval.continues(tokenizer, answer, piece["5"])
+    assert not retrieval.continues(tokenizer, answer, piece["."])
+    assert not retrieval.continues(tokenizer, answer, piece[","])
+    assert not retrieval.continues(tokenizer, answer, tokenizer.eos_id)
+    assert not retrieval.continues(tokenizer, answer, tokenizer.encode(" the")[-1])  # a new word
 
 
 def test_a_needle_is_found_when_the_answers_first_text_token_is_right(tokenizer):

@@ -122,6 +122,9 @@ def test_fp32_accumulation_choices(tmp_path):
     kept = _json(tmp_path, zero_optimization={"stage": 2}, data_types={"grad_accum_dtype": "bf16"})
     assert deepspeed_config(TrainConfig(deepspeed_config=kept, precision="bf16"), dp=1)["data_types"] == \
         {"grad_accum_dtype": "bf16"}  # the JSON's choice stands
+    auto = _json(tmp_path, zero_optimization={"stage": 1}, data_types={"grad_accum_dtype": "auto"})
+    assert deepspeed_config(TrainConfig(deepspeed_config=auto, precision="bf16"), dp=1)["data_types"] == \
+        {"grad_accum_dtype": "fp32"}  # "auto" is the recipe's rule (DeepSpeed failed on the word itself)
     refused = _json(tmp_path, zero_optimization={"stage": 0}, data_types={"grad_accum_dtype": "float"})
     with pytest.raises(ConfigError, match="grad_accum_dtype=float under bf16 needs ZeRO stage >= 1"):
         deepspeed_config(TrainConfig(deepspeed_config=refused, precision="bf16"), dp=1)
