@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import glob
 import os
 import sys
 import warnings
@@ -46,6 +47,10 @@ def cmd_config(args) -> int:
         if not is_checkpoint(init):  # the run would build that checkpoint's model, not this one
             print(f"drope: note: train.init_from {init} is not a checkpoint (yet): the model below is the "
                   "recipe's own; once it is, its architecture replaces it", file=sys.stderr)
+    ds_json = recipe.train.deepspeed_config
+    if ds_json and not Path(ds_json).is_file():  # training refuses it; say so before a job is queued
+        print(f"drope: note: train.deepspeed_config {ds_json} is not a file from here ({Path.cwd()}): recipe "
+              "paths are read from the folder the command runs in", file=sys.stderr)
     print(yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False), end="")
     return 0
 
@@ -109,7 +114,7 @@ def cmd_train(args) -> int:
         last = train(recipe, phase, show_progress=not args.quiet, notes=notes)
     except TrainingDiverged as exc:
         print(f"drope: error: {exc}", file=sys.stderr)
-        return 3
+        return exc.exit_code
     if last.get("rank") == 0 and last.get("loss") is not None:
         print(f"step {last['step']}: loss {last['loss']:.4f}")
     return 0
@@ -138,8 +143,12 @@ def cmd_convert(args) -> int:
         return 0
     from drope_megatron.convert.verify import verify
 
-    result = verify(args.hf, args.megatron, tp=args.tp, pp=args.pp, batch=args.batch, length=args.length,
-                    seed=args.seed, dtype=args.dtype, report=args.report)
+    try:
+        result = verify(args.hf, args.megatron, tp=args.tp, pp=args.pp, batch=args.batch, length=args.length,
+                        seed=args.seed, dtype=args.dtype, report=args.report)
+    except ConfigError as exc:
+        raise exc.renamed({"parallel.tensor_model_parallel_size": "--tp",
+                           "parallel.pipeline_model_parallel_size": "--pp"}) from None
     if result is None:  # not the rank that compares
         return 0
     print(f"max |diff| {result['max_abs_diff']:.3e}  mean |diff| {result['mean_abs_diff']:.3e}  "
@@ -160,13 +169,34 @@ def _depths(text: str | None) -> list[float] | None:
 def cmd_eval(args) -> int:
     import dataclasses
 
-    from drope_megatron.config import Recipe, validate
+    from drope_megatron.config import Recipe
 
     e = load_recipe(args.recipe, resolve_init=False).eval if args.recipe else Recipe().eval
     flags = {"lengths": _csv(args.lengths), "tasks": _csv(args.tasks), "baselines": _csv(args.baselines),
              "data": args.data, "text_key": args.text_key, "documents": args.documents, "seed": args.seed,
              "depths": _depths(args.depths), "samples": args.samples}
-    e = dataclasses.replace(e, **{k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    _check_data_words(args.data or [])
+    # An error about a value given as a flag names the flag; the recipe's own keys keep their names.
+    names = {"parallel.tensor_model_parallel_size": "--tp",
+             **{f"eval.{k}": "--" + k.replace("_", "-") for k in given}}
+    try:
+        return _eval(args, dataclasses.replace(e, **given))
+    except ConfigError as exc:
+        raise exc.renamed(names) from None
+
+
+def _check_data_words(words: list[str]) -> None:
+    """--data takes every word up to the next option: a model named after it would be read as data."""
+    for word in words:
+        if Path(word).is_dir() or ("=" in word and not Path(word).exists() and not glob.has_magic(word)):
+            raise ConfigError(f"--data {word!r} is not a data file: --data takes every word up to the next "
+                              "option, so name the models before it")
+
+
+def _eval(args, e) -> int:
+    from drope_megatron.config import Recipe, validate
+
     from drope_megatron.eval.scaling import BASELINES
 
     bad = [b for b in e.baselines if b not in BASELINES]
@@ -185,16 +215,12 @@ def cmd_eval(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from drope_megatron.demo.pipeline import Demo, StageFailed
+    from drope_megatron.demo.pipeline import Demo
 
     demo = Demo(work=args.work, pretrain=args.pretrain, smoke=args.smoke, until=args.until, overrides=args.overrides)
     if args.recipe:
         demo.recipe = Path(args.recipe)
-    try:
-        report = demo.run()
-    except StageFailed as exc:  # the stage's own status: 3 still means the training diverged
-        print(f"drope: error: {exc}", file=sys.stderr)
-        return exc.code
+    report = demo.run()  # a failed stage's status (3: the training diverged) is the demo's: see main
     if report is None:
         print(f"[demo] stopped after {args.until}: {args.work}")
     else:
@@ -369,7 +395,7 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
             return args.func(args)
     except ConfigError as exc:
         print(f"drope: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
 
 
 @contextlib.contextmanager

@@ -47,9 +47,7 @@ def discover() -> DistEnv:
     """Rank, world size and rendezvous address from whichever launcher started us."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, deepspeed launcher, or set by hand
-        return DistEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", DEFAULT_PORT)),
-                       "torchrun")
+        return _from_rank_vars(env)
     # mpirun inside a Slurm allocation inherits SLURM_* from its daemons: MPI's own variables win.
     if "OMPI_COMM_WORLD_SIZE" in env:
         return _from_mpi(env)
@@ -61,6 +59,18 @@ def discover() -> DistEnv:
     if any(k in env for k in ("PMI_SIZE", "PMIX_RANK", "MPI_LOCALNRANKS")):
         return _from_mpi(env)
     return DistEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", 0)) or free_port(), "single")
+
+
+def _from_rank_vars(env) -> DistEnv:
+    world = int(env["WORLD_SIZE"])
+    # Set by hand inside srun/mpirun (export RANK=$SLURM_PROCID): the launcher still knows the node-local rank.
+    local = next((env[k] for k in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+                  if k in env), "0" if world == 1 else None)
+    addr = env.get("MASTER_ADDR", "127.0.0.1" if world == 1 else None)
+    for name, value in (("LOCAL_RANK", local), ("MASTER_ADDR", addr)):
+        if value is None:  # every rank on GPU 0, or every node meeting on its own loopback
+            raise ConfigError(f"RANK and WORLD_SIZE={world} are set but {name} is not: set {name} as torchrun does")
+    return DistEnv(int(env["RANK"]), world, int(local), addr, int(env.get("MASTER_PORT", DEFAULT_PORT)), "torchrun")
 
 
 def _pmi_agrees_with_slurm(env) -> bool:
@@ -77,8 +87,10 @@ def slurm_port(env) -> int:
 def _from_slurm(env) -> DistEnv:
     # srun starts every task itself: the first host of the allocation is the master.
     first = first_slurm_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-    port = int(env.get("MASTER_PORT", 0)) or slurm_port(env)
-    return DistEnv(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
+    world = int(env["SLURM_STEP_NUM_TASKS"])
+    # A step of one task (srun --pty bash) may run several commands at once: no fixed port for it.
+    port = int(env.get("MASTER_PORT", 0)) or (slurm_port(env) if world > 1 else free_port())
+    return DistEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)),
                    env.get("MASTER_ADDR", first), port, "slurm")
 
 
@@ -163,29 +175,54 @@ def data_parallel_gather(obj: Any, whole_model: bool = False) -> list:
 
 
 def backend_for(p: ParallelConfig) -> str:
+    if p.backend == "nccl" and not torch.cuda.is_available():
+        raise ConfigError("parallel.backend=nccl needs CUDA GPUs, and this process sees none: use gloo (or auto)")
     if p.backend != "auto":
         return p.backend
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def initialize(p: ParallelConfig, seed: int = 1234) -> DistEnv:
-    """Join the job, set up megatron's TP/PP/DP groups and seed the model-parallel RNGs."""
+def device_index(local_rank: int, count: int) -> int:
+    """This process's GPU: its place on the node, or the one GPU a task sees under srun --gpus-per-task=1."""
+    if count > 1 and local_rank >= count:  # two ranks would share a GPU, and NCCL fail much later
+        raise ConfigError(f"local rank {local_rank} on a node with {count} GPUs: launch at most {count} "
+                          "processes per node")
+    return local_rank % count
+
+
+def launcher_vars(env: DistEnv, device: int | None) -> dict[str, str]:
+    """The variables a launcher sets, for libraries that read them (DeepSpeed) whatever launched us.
+    DeepSpeed takes LOCAL_RANK for its device index (and asserts OpenMPI's local rank is the same):
+    with one GPU per task that is the task's GPU 0, not its place on the node."""
+    local = str(env.local_rank if device is None else device)
+    out = dict(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=local)
+    if env.master_addr:
+        out.update(MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
+    if "OMPI_COMM_WORLD_LOCAL_RANK" in os.environ:
+        out["OMPI_COMM_WORLD_LOCAL_RANK"] = local
+    return out
+
+
+def _joined() -> DistEnv:
+    """A process group the caller set up itself (any init_method): its ranks are the job's."""
+    env = os.environ
+    return DistEnv(dist.get_rank(), dist.get_world_size(), int(env.get("LOCAL_RANK", 0)), env.get("MASTER_ADDR", ""),
+                   int(env.get("MASTER_PORT", 0)), "existing")
+
+
+def initialize(p: ParallelConfig, seed: int = 1234, env: DistEnv | None = None) -> DistEnv:
+    """Join the job (`env`: as discovered), set up megatron's TP/PP/DP groups and seed the model-parallel RNGs."""
     apply_cpu_shims()
-    env = discover()
+    env = env or (_joined() if dist.is_initialized() else discover())
     model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
     if env.world_size % model_parallel:
         raise ConfigError(
             f"world size {env.world_size} is not a multiple of TP*PP={model_parallel}: "
             f"launch a multiple of {model_parallel} processes or lower parallel.tensor_model_parallel_size")
-    # Libraries that read the launcher's variables (DeepSpeed) see them whatever launched us.
-    os.environ.update(RANK=str(env.rank), WORLD_SIZE=str(env.world_size), LOCAL_RANK=str(env.local_rank),
-                      MASTER_ADDR=env.master_addr, MASTER_PORT=str(env.master_port))
-    if torch.cuda.is_available():  # modulo: with --gpus-per-task=1 each task sees one device
-        count = torch.cuda.device_count()
-        if count > 1 and env.local_rank >= count:  # two ranks would share a GPU, and NCCL fail much later
-            raise ConfigError(f"local rank {env.local_rank} on a node with {count} GPUs: launch at most {count} "
-                              "processes per node")
-        torch.cuda.set_device(env.local_rank % count)
+    device = device_index(env.local_rank, torch.cuda.device_count()) if torch.cuda.is_available() else None
+    os.environ.update(launcher_vars(env, device))
+    if device is not None:
+        torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=p.timeout_minutes)
     # Sub-groups made later by dist.new_group (ZeRO's, megatron's) take this default rather
     # than the timeout given to init_process_group; set it so none of them can wait forever.
@@ -249,11 +286,11 @@ def attempt_prefix(store: dist.Store, rank: int, world_size: int, timeout: datet
     return f"drope/{token}/"
 
 
-def shutdown() -> None:
-    """Leave the job: megatron's groups first, then the default group."""
+def shutdown(process_group: bool = True) -> None:
+    """Leave the job: megatron's groups first, then the default group (unless a caller's, kept for it)."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
+    if process_group and dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -267,8 +304,9 @@ def session(p: ParallelConfig | None = None, seed: int = 1234, single: bool = Fa
     """
     p = p or ParallelConfig()
     owned = not parallel_state.model_parallel_is_initialized()
+    callers = dist.is_initialized()  # a process group the caller set up stays up after the block
     if owned:
-        env = initialize(p, seed)
+        env = _joined() if callers else discover()
     else:
         layout = (parallel_state.get_tensor_model_parallel_world_size(),
                   parallel_state.get_pipeline_model_parallel_world_size())
@@ -277,6 +315,8 @@ def session(p: ParallelConfig | None = None, seed: int = 1234, single: bool = Fa
                               f"asked for TP={p.tensor_model_parallel_size} PP={p.pipeline_model_parallel_size}")
         env = DistEnv(dist.get_rank(), dist.get_world_size(), 0, "", 0, "existing")
     try:
+        if owned:  # inside: a rank failing here (its GPU, its backend) must end an MPI job too
+            initialize(p, seed, env)
         if single and env.world_size != 1:
             raise ConfigError("this tool runs in a single process: start it without torchrun/srun/mpirun")
         yield env
@@ -286,7 +326,7 @@ def session(p: ParallelConfig | None = None, seed: int = 1234, single: bool = Fa
         raise
     finally:
         if owned:
-            shutdown()
+            shutdown(process_group=not callers)
 
 
 def _abort_mpi_job(exc: BaseException) -> None:
@@ -295,9 +335,10 @@ def _abort_mpi_job(exc: BaseException) -> None:
     and srun end a job whose process fails by themselves)."""
     from mpi4py import MPI
 
-    if isinstance(exc, ConfigError):
+    code = getattr(exc, "exit_code", None)  # an expected failure (bad input, diverged): one line, its status
+    if code is not None:
         print(f"drope: error: {exc}", file=sys.stderr, flush=True)
     else:
         traceback.print_exception(exc)
         sys.stderr.flush()
-    MPI.COMM_WORLD.Abort(2 if isinstance(exc, ConfigError) else 1)
+    MPI.COMM_WORLD.Abort(code or 1)

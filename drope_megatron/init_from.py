@@ -26,14 +26,17 @@ _DERIVED = {"num_query_groups": ("groups", "query groups"), "kv_channels": ("hea
             "ffn_hidden_size": ("ffn_size", "FFN size")}
 
 
-def resolve(model: ModelConfig, given: dict[str, Any], init_from: str | Path) -> ModelConfig:
+def resolve(model: ModelConfig, given: dict[str, Any], init_from: str | Path,
+            stored: ModelConfig | None = None) -> ModelConfig:
     """The model a run from `init_from` trains, from the recipe's resolved `model` and its model
-    section as written (`given`); `model` itself until that checkpoint exists."""
+    section as written (`given`); `model` itself until that checkpoint exists, unless its model is
+    known already (`stored`: the demo's shipped model, before it is converted there)."""
     from drope_megatron import checkpoint
 
-    if not checkpoint.is_checkpoint(init_from):
-        return model
-    stored = checkpoint.model_config(init_from)
+    if stored is None:
+        if not checkpoint.is_checkpoint(init_from):
+            return model
+        stored = checkpoint.model_config(init_from)
     _refuse_disagreement(stored, given, init_from)
     resolved = dataclasses.replace(
         stored, seq_length=model.seq_length if "seq_length" in given else stored.seq_length,

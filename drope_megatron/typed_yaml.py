@@ -20,6 +20,8 @@ import yaml
 class ConfigError(ValueError):
     """A recipe or override that cannot be used; the message is one line naming the key."""
 
+    exit_code = 2  # the command's status, under mpirun too (distributed aborts the job with it)
+
     def renamed(self, names: dict[str, str]) -> "ConfigError":
         """This error as a command without recipes must say it: each recipe key in `names` replaced
         by that command's own name for it (`parallel.tensor_model_parallel_size` -> `--tp`)."""

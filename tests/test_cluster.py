@@ -24,3 +24,14 @@ def test_multinode_torchrun_names_what_is_missing():
     proc = subprocess.run(["cluster/torchrun-multinode.sh", "recalibrate", "recipe.yaml"], cwd=ROOT,
                           capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "NNODES": "2"})
     assert proc.returncode != 0 and "set MASTER_ADDR to the first node address" in proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    (dict(HOSTFILE="no-such-hostfile"), "HOSTFILE=no-such-hostfile is not a readable file"),
+    # DeepSpeed's --num_gpus would drop the visible list and count from GPU 0
+    (dict(NUM_GPUS="2", CUDA_VISIBLE_DEVICES="4,5"), "NUM_GPUS with CUDA_VISIBLE_DEVICES"),
+])
+def test_deepspeed_hostfile_refuses_what_deepspeed_would_only_warn_about(env, message):
+    proc = subprocess.run(["cluster/deepspeed-hostfile.sh", "recalibrate", "recipe.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", **env})
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr

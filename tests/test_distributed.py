@@ -7,9 +7,11 @@ import threading
 import time
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from drope_megatron import distributed
+from drope_megatron.config import ConfigError, ParallelConfig
 from drope_megatron.distributed import attempt_prefix, free_port
 from tests.helpers import run, torchrun
 
@@ -41,6 +43,51 @@ def test_discover_slurm(monkeypatch):
     assert len(ports) == 300 and all(20000 <= port < 32768 for port in ports)  # steps differ; no ephemeral port
 
 
+def test_a_one_task_srun_step_takes_a_free_port(monkeypatch):
+    """`srun --pty bash` runs its commands in a step of one task: two at once must not share a port."""
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    env = dict(SLURM_PROCID="0", SLURM_STEP_NUM_TASKS="1", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="n1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    ports = {distributed.discover().master_port for _ in range(3)}
+    assert len(ports) > 1 and distributed.slurm_port(env) not in ports
+
+
+def test_rank_variables_set_by_hand_take_the_launchers_local_rank(monkeypatch):
+    for key in ("LOCAL_RANK", "MASTER_ADDR", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in dict(RANK="11", WORLD_SIZE="16", SLURM_LOCALID="3", MASTER_ADDR="n0").items():
+        monkeypatch.setenv(key, value)
+    assert distributed.discover().local_rank == 3  # export RANK=$SLURM_PROCID in a batch script
+    for missing in ("SLURM_LOCALID", "MASTER_ADDR"):
+        monkeypatch.delenv(missing)
+        name = "LOCAL_RANK" if missing == "SLURM_LOCALID" else missing
+        with pytest.raises(ConfigError, match=f"WORLD_SIZE=16 are set but {name} is not"):
+            distributed.discover()
+        monkeypatch.setenv(missing, "0")
+
+
+def test_one_gpu_per_task_tells_deepspeed_its_device(monkeypatch):
+    """Under srun --gpus-per-task=1 task 3 of a node sees one GPU, its cuda:0. DeepSpeed sets the
+    device LOCAL_RANK names (and asserts OpenMPI's local rank is the same): both must say 0."""
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "3")
+    env = distributed.DistEnv(3, 8, 3, "n0", 1234, "slurm")
+    device = distributed.device_index(env.local_rank, 1)
+    exported = distributed.launcher_vars(env, device)
+    assert device == 0 and exported["LOCAL_RANK"] == exported["OMPI_COMM_WORLD_LOCAL_RANK"] == "0"
+    assert distributed.launcher_vars(env, None)["LOCAL_RANK"] == "3"  # no GPU: the place on the node
+    with pytest.raises(ConfigError, match="local rank 3 on a node with 2 GPUs"):
+        distributed.device_index(3, 2)
+
+
+def test_nccl_without_a_gpu_is_refused_in_one_line():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: nccl is usable")
+    with pytest.raises(ConfigError, match="parallel.backend=nccl needs CUDA GPUs"):
+        distributed.backend_for(ParallelConfig(backend="nccl"))
+
+
 def test_batch_script_without_srun_is_one_process(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -62,11 +109,14 @@ def test_single_process_without_launcher(monkeypatch):
     assert (found.rank, found.world_size, found.launcher) == (0, 1, "single")
 
 
-def test_torchrun_job_with_tp2(tmp_path):
-    proc = torchrun(2, [PROBE, "report", "2", "1", str(tmp_path)], timeout=120)
+def test_a_process_group_set_up_by_the_caller_is_the_job_with_tp2(tmp_path):
+    """Its ranks are the job's, though the launcher's variables are gone (a caller's own init_method).
+    (Every other torchrun test joins through torchrun's variables.)"""
+    proc = torchrun(2, [PROBE, "joined", "2", "1", str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = reports(tmp_path)
-    assert [r["rank"] for r in found] == [0, 1] and all(r["launcher"] == "torchrun" for r in found)
+    assert [(r["rank"], r["world_size"]) for r in found] == [(0, 2), (1, 2)]
+    assert all(r["launcher"] == "existing" and r["group_kept"] for r in found)
     assert all(r["sum"] == 3.0 and r["tp_sum"] == 2.0 for r in found)
     assert [r["tp_rank"] for r in found] == [0, 1]
 
@@ -94,15 +144,20 @@ def test_srun_with_pmi_is_slurms(monkeypatch):
     assert (found.rank, found.world_size, found.launcher) == (3, 8, "slurm")
 
 
-def test_a_failing_rank_ends_an_mpirun_job(tmp_path):
-    """The failed rank reports in one line and aborts the MPI job. (On gloo the waiting rank would
-    also see the closed connection; NCCL's collective would wait out the 2-minute timeout while
-    MPI's finalize on the failed rank waited for it.)"""
+@pytest.mark.parametrize("mode, message, status", [
+    # while joining: rank 0 would wait in the rendezvous, and rank 1 in MPI's finalize, for the timeout
+    ("fail_init", "drope: error: parallel.backend=nccl needs CUDA GPUs", 2),
+    ("diverge", "drope: error: probe: rank 1 diverges", 3),  # the status a diverged run has everywhere
+])
+def test_a_failing_rank_ends_an_mpirun_job(tmp_path, mode, message, status):
+    """The failed rank reports in one line and aborts the MPI job with the command's status. (On gloo
+    the waiting rank would also see the closed connection; NCCL's collective would wait out the
+    2-minute timeout while MPI's finalize on the failed rank waited for it.)"""
     start = time.monotonic()
-    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, PROBE, "fail", "1", "2",
+    cmd = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, PROBE, mode, "1", "2",
            str(tmp_path)]
     proc = run(cmd, timeout=100)
-    assert proc.returncode != 0 and "drope: error: probe: rank 1 fails" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == status and message in proc.stderr, (proc.returncode, proc.stderr[-2000:])
     assert time.monotonic() - start < 60
 
 

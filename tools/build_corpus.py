@@ -33,7 +33,8 @@ def main(argv=None) -> int:
         out = build_corpus(args.out, vocab_size=args.vocab_size, max_chars=args.max_chars, seed=args.seed,
                            heldout_min_chars=args.heldout_min_chars)
     except ConfigError as exc:
-        print(f"build_corpus: error: {exc}", file=sys.stderr)
+        flags = {k: "--" + k.replace("_", "-") for k in ("max_chars", "heldout_min_chars", "vocab_size")}
+        print(f"build_corpus: error: {exc.renamed(flags)}", file=sys.stderr)
         return 2
     manifest = json.loads((out / "corpus.json").read_text())
     for split, per_source in manifest["splits"].items():

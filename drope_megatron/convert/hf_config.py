@@ -8,6 +8,7 @@ two sides compute different functions is an error, never a silent approximation.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -55,6 +56,11 @@ def _rope_scaling(rp: dict[str, Any], max_positions: int) -> RopeScalingConfig:
                       "yarn RoPE (dynamic NTK is an evaluation baseline, not a stored setting)")
 
 
+def _trained_length(scaling: RopeScalingConfig, max_positions: int) -> int:
+    """The context a model was pretrained at: a scaled model's original one, else its table's size."""
+    return scaling.original_max_position_embeddings or max_positions
+
+
 def _refuse_unsupported(cfg, family: Family, allow_sliding_window: bool) -> None:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ConfigError(f"hidden_act={cfg.hidden_act!r} is not supported: the model is built with SwiGLU (silu)")
@@ -84,7 +90,7 @@ def model_config_from_hf(cfg, family: Family, allow_sliding_window: bool = False
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
         ffn_hidden_size=cfg.intermediate_size, kv_channels=head_dim, vocab_size=cfg.vocab_size,
-        seq_length=scaling.original_max_position_embeddings or cfg.max_position_embeddings,
+        seq_length=_trained_length(scaling, cfg.max_position_embeddings),
         # attention_bias adds o_proj's bias too: accepted only all zero, as this project exports it.
         norm_epsilon=float(cfg.rms_norm_eps), qkv_bias=family.qkv_bias or bool(getattr(cfg, "attention_bias", False)),
         tie_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
@@ -152,7 +158,10 @@ def hf_config_for_export(m: ModelConfig, arch: str, source: dict[str, Any] | Non
     hf, own = (source["hf_config"] if source else {}), token_ids or {}
     kwargs.update({k: own.get(k) if hf.get(k) is None else hf[k] for k in ("bos_token_id", "eos_token_id",
                                                                               "pad_token_id")})
-    if "max_position_embeddings" in hf:
+    if "max_position_embeddings" in hf and m.seq_length == _trained_length(
+            _rope_scaling(rope_parameters(SimpleNamespace(**hf)), hf["max_position_embeddings"]),
+            hf["max_position_embeddings"]):
+        # The source's reach (a scaled model's is past its training context), unless training changed that context.
         kwargs["max_position_embeddings"] = hf["max_position_embeddings"]
     if m.qkv_bias and not family.qkv_bias:
         if family.name == "mistral":

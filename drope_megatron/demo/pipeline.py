@@ -50,11 +50,11 @@ SMOKE_EVAL = ["--lengths", "1x,2x", "--tasks", "ppl,passkey", "--documents", "1"
 
 
 class StageFailed(ConfigError):
-    """A stage's command failed; `code` is its exit status (3: training diverged), the demo's too."""
+    """A stage's command failed; its exit status (3: training diverged) is the demo's too."""
 
     def __init__(self, message: str, code: int):
         super().__init__(message)
-        self.code = code
+        self.exit_code = code
 
 
 @dataclass
@@ -220,6 +220,9 @@ class Demo:
         self.log["commands"][self._stage].append(line)
         print(f"[demo] $ {line}", flush=True)
         code = subprocess.run(cmd).returncode
+        if code == 2:  # the command refused its input: a rerun alone would fail the same way
+            raise StageFailed(f"demo stage failed: drope {args[0]} refused its input (see above); fix that, then "
+                              "rerun the demo to continue from here", code)
         if code != 0:  # killed by a signal (negative): the shell's 128 + its number
             raise StageFailed(f"demo stage failed: drope {args[0]} (see above); rerun the demo to continue from here",
                               code if code > 0 else 128 - code)
@@ -236,11 +239,24 @@ class Demo:
         return asdict(load_recipe(str(self.recipe), self._split()[1], resolve_init=False).eval)
 
     def _recipe_model(self):
-        from drope_megatron.config import load_recipe
+        from drope_megatron.checkpoint import is_checkpoint
+        from drope_megatron.config import load_recipe, raw_recipe, validate
 
         # As the recalibration will read it: from this demo's RoPE checkpoint.
-        return load_recipe(str(self.recipe), [_setting("train.init_from", self.work / "rope"),
-                                              *(SMOKE_RECAL if self.smoke else []), *self._split()[0]]).model
+        rope = self.work / "rope"
+        overrides = [_setting("train.init_from", rope), *(SMOKE_RECAL if self.smoke else []), *self._split()[0]]
+        recipe = load_recipe(str(self.recipe), overrides)
+        if self.pretrain or is_checkpoint(rope):
+            return recipe.model
+        # A first run: WORK/rope will be the shipped model's; its overrides are checked against that now,
+        # not after the stages before the recalibration.
+        from drope_megatron.convert.hf_to_megatron import read_source
+        from drope_megatron.init_from import resolve
+
+        given = raw_recipe(str(self.recipe), overrides).get("model") or {}
+        recipe.model = resolve(recipe.model, given, rope, stored=read_source(SHIPPED, False)[2])
+        validate(recipe)
+        return recipe.model
 
     def _vocab(self) -> int:
         # The corpus's tokenizer is the pretraining's (the shipped model's too): not resolved against

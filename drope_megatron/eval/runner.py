@@ -9,6 +9,7 @@ the first ones that hold it); a multiple like 2x is of each model's own training
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import shutil
 import sys
@@ -64,7 +65,8 @@ def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = Fal
     with distributed.session(ParallelConfig(tensor_model_parallel_size=tp), e.seed) as env:
         for label, path in models.items():
             start = time.perf_counter()
-            backend = open_backend(path, dtype=dtype, tp=tp)
+            with _transformers_bars(progress and env.rank == 0):
+                backend = open_backend(path, dtype=dtype, tp=tp)
             results["models"][label] = describe(backend)
             results["rows"].update(_evaluate(backend, label, e, names, progress and env.rank == 0))
             results["seconds"][label] = round(time.perf_counter() - start, 1)
@@ -74,6 +76,23 @@ def run(models: dict[str, Path], e: EvalConfig, out: Path, overwrite: bool = Fal
             return None
     _publish(results, out)
     return results
+
+
+@contextlib.contextmanager
+def _transformers_bars(on: bool):
+    """transformers' loading bar follows --quiet too; its switch is process-wide, so it is restored."""
+    if on:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def _check_lengths(label: str, path: Path, e: EvalConfig, names: list[str]) -> None:

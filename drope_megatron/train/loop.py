@@ -34,6 +34,8 @@ from drope_megatron.train.zero3 import load_partitioned, sharded_for_save
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
+    exit_code = 3
+
 
 def _model(recipe: Recipe, phase: str, ds_config: dict):
     """The model to train: from a Megatron checkpoint (`train.init_from`) or freshly initialised.

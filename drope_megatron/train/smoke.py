@@ -29,8 +29,7 @@ def run_smoke(recipe: Recipe, phases: list[str], steps: int, show_progress: bool
     p = recipe.parallel
     if p.pipeline_model_parallel_size != 1:
         raise ConfigError("smoke runs without pipeline parallelism: set parallel.pipeline_model_parallel_size=1")
-    env = distributed.initialize(p, recipe.train.seed)
-    try:
+    with distributed.session(p, recipe.train.seed) as env:
         if env.world_size != p.tensor_model_parallel_size:
             raise ConfigError(f"smoke needs world size == TP ({p.tensor_model_parallel_size}), got "
                               f"{env.world_size}: launch exactly TP processes")
@@ -56,5 +55,3 @@ def run_smoke(recipe: Recipe, phases: list[str], steps: int, show_progress: bool
         bar.close()
         n_local = sum(t.numel() for t in model.parameters())
         return {"losses": losses, "local_params": n_local, "rank": env.rank, "world_size": env.world_size}
-    finally:
-        distributed.shutdown()

@@ -92,6 +92,17 @@ def test_pretraining_here_until_the_rope_stage(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_model_override_the_shipped_model_cannot_take_is_refused_before_any_stage(tmp_path):
+    """On a first run WORK/rope is not there yet: the override is checked against the shipped model
+    it will be, not after the corpus, data and conversion stages."""
+    from drope_megatron.config import ConfigError
+    from drope_megatron.demo.pipeline import Demo
+
+    with pytest.raises(ConfigError, match="model.hidden_size=512.*builds that checkpoint's architecture"):
+        Demo(work=tmp_path / "first", overrides=["model.hidden_size=512"]).run()
+    assert not (tmp_path / "first").exists()
+
+
 def test_a_run_folder_the_demo_did_not_make_is_kept(tmp_path, capsys):
     """A user's own `drope recalibrate` into WORK/drope (or an older demo's, with no record of its
     inputs) is continued, never removed; the demo's own earlier run with other inputs is replaced."""

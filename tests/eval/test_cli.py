@@ -50,16 +50,19 @@ def test_bad_inputs_exit_2_and_write_nothing(checkpoints, corpus, tmp_path, caps
     # Refused before any model is loaded: the real command line, in this process.
     early = [
         (["--tasks", "ppl"], "needs held-out documents"),
-        (["--tasks", "summaries"], "eval.tasks has 'summaries'"),
+        (["--tasks", "summaries"], "--tasks has 'summaries'"),  # the flag's name, not the recipe key's
         (["--tasks", "passkey", "--baselines", "rope2"], "--baselines has 'rope2'"),
         (["--tasks", "passkey", "--lengths", "two"], "neither a multiple"),
-        (["--tasks", "passkey", "--depths", "1.5"], "eval.depths must be fractions"),
+        (["--tasks", "passkey", "--depths", "1.5"], "--depths must be fractions"),
         (["--tasks", "passkey", "--depths", "0,abc"], "--depths '0,abc'"),
         (["--tasks", "passkey", "--tp", "0"], "--tp 0 must be >= 1"),
         # --overwrite replaces the whole folder: never the current one (here, the repository).
         (["--tasks", "passkey", "--out", "."], ". is (or holds) the current folder"),
         (["--tasks", "ppl", "--data", str(corpus / "valid.jsonl"), "--lengths", "1"],
          "a length of 1 token: perplexity needs >= 2"),
+        # --data takes every word up to the next option: a model after it is not read as a file
+        (["--tasks", "ppl", "--data", str(corpus / "valid.jsonl"), f"B={checkpoints['drope']}"],
+         f"--data 'B={checkpoints['drope']}' is not a data file"),
     ]
     for args, message in early:
         assert main(["eval", str(checkpoints["rope"]), "--out", str(out), "--quiet", *args]) == 2, args

@@ -173,7 +173,7 @@ def test_deepspeed_launcher(corpus, tmp_path):
     from drope_megatron.distributed import free_port
 
     cmd = ["cluster/deepspeed-hostfile.sh", *pretrain_args(corpus, tmp_path / "run", "train.zero_stage=1")]
-    proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()))
+    proc = run_cmd(cmd, timeout=240, NUM_GPUS="2", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="")
     assert proc.returncode == 0, proc.stderr[-2000:]
     seq, rows = losses(tmp_path / "run")
     assert len(seq) == 3
