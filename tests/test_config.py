@@ -187,3 +187,12 @@ def test_config_says_when_the_checkpoint_to_start_from_is_not_there_yet(tmp_path
     assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["model"]["hidden_size"] == 256
     assert f"note: train.init_from {tmp_path / 'later'} is not a checkpoint (yet): the model below is the recipe's" \
         in proc.stderr
+
+
+def test_config_says_when_the_deepspeed_json_is_not_there_from_here(tmp_path):
+    """Training refuses it; a job queued on a cluster would learn that only once it starts."""
+    proc = drope("config", "recipes/paper/smollm_360m.yaml", "train.init_from=null", timeout=60)
+    assert proc.returncode == 0 and "deepspeed_config" not in proc.stderr, proc.stderr  # its JSON is there
+    proc = drope("config", f"train.deepspeed_config={tmp_path / 'zero9.json'}", timeout=60)
+    assert proc.returncode == 0 and yaml.safe_load(proc.stdout)["train"]["deepspeed_config"].endswith("zero9.json")
+    assert f"note: train.deepspeed_config {tmp_path / 'zero9.json'} is not a file from here" in proc.stderr
