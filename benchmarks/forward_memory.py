@@ -24,6 +24,10 @@ from pathlib import Path
 
 import children
 
+# A CPU benchmark (RSS, gloo, CPU threads): on a GPU host its children would otherwise take the GPU's
+# paths (nccl, bf16, CUDA masks) half-way, with the model on the CPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 # The DroPE model (no RoPE), the one evaluated far past its training length.
 FULL = ["model.num_layers=6", "model.hidden_size=320", "model.num_attention_heads=5", "model.vocab_size=8192",
         "model.seq_length=256", "model.phase=drope"]

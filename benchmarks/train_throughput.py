@@ -39,9 +39,10 @@ QUICK = dict(layers=2, hidden=64, heads=4, ffn=192, vocab=256, seq=32, micro=2, 
 # logs rarely), the reference around the same steps.
 
 
-def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True,
+def ours(shape: dict, phase: str, stage: int, work: Path, params: int, fused: bool = True,
          compiled: bool = False) -> tuple[float, float]:
-    """Tokens/s and last loss of `drope pretrain` / `recalibrate` on random tokens (Megatron indexed data)."""
+    """Tokens/s and last loss of `drope pretrain` / `recalibrate` on random tokens (Megatron indexed data);
+    its model must have the reference's `params` (one FLOP count serves both)."""
     import numpy as np
 
     from drope_megatron.data.indexed import write_indexed
@@ -64,6 +65,9 @@ def ours(shape: dict, phase: str, stage: int, work: Path, fused: bool = True,
     command = "pretrain" if phase == "rope" else "recalibrate"
     children.run([sys.executable, "-m", "drope_megatron.cli", command, *args, "--quiet"])
     first, last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    if first["params_total"] != params:
+        raise SystemExit(f"our model has {first['params_total']} parameters, the reference {params}: "
+                         "not the same shape")
     shutil.rmtree(run_dir)  # its final save (with the optimizer's state: 6 GB at the GPU shape) is not needed
     rate = (last["step"] - first["step"]) * shape["micro"] * shape["seq"] / (last["time"] - first["time"])
     return rate, last["loss"]
@@ -86,7 +90,8 @@ def _child(spec: dict) -> dict:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     shape = dict(vocab_size=spec["vocab"], hidden_size=spec["hidden"], intermediate_size=spec["ffn"],
                  num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
-                 num_key_value_heads=spec["heads"], max_position_embeddings=spec["seq"], tie_word_embeddings=False)
+                 num_key_value_heads=spec["heads"], max_position_embeddings=spec["seq"], tie_word_embeddings=False,
+                 use_cache=False)  # a training forward would otherwise fill a KV cache in every layer
     if spec["phase"] == "rope":
         model = LlamaForCausalLM._from_config(LlamaConfig(**shape), attn_implementation="sdpa")
     else:  # transformers' own Llama-shaped model with RoPE switchable off per layer (0 = no RoPE)
@@ -168,11 +173,12 @@ def main() -> None:
         for phase in phases:
             for stage in shape["stages"]:
                 row = {"phase": phase, "stage": stage, **reference(shape, phase, stage)}
-                row["ours"], row["loss"] = ours(shape, phase, stage, Path(tmp))
+                row["ours"], row["loss"] = ours(shape, phase, stage, Path(tmp), row["params"])
                 if torch.cuda.is_available():  # the fusions exist only there: measure what they give
-                    row["plain"], row["plain_loss"] = ours(shape, phase, stage, Path(tmp), fused=False)
+                    row["plain"], row["plain_loss"] = ours(shape, phase, stage, Path(tmp), row["params"], fused=False)
                 if args.compile:
-                    row["compiled"], row["compiled_loss"] = ours(shape, phase, stage, Path(tmp), compiled=True)
+                    row["compiled"], row["compiled_loss"] = ours(shape, phase, stage, Path(tmp), row["params"],
+                                                                 compiled=True)
                 rows.append(row)
     report(shape, rows)
 

@@ -21,6 +21,10 @@ from pathlib import Path
 
 import children
 
+# A CPU benchmark (RSS, gloo, CPU threads): on a GPU host its children would otherwise take the GPU's
+# paths (nccl, bf16, CUDA masks) half-way, with the model on the CPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 ROOT = children.ROOT
 sys.path.insert(0, str(ROOT))
 

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
-from drope_megatron import atomic, safe_metadata
+from drope_megatron import atomic, dtypes, safe_metadata
 from drope_megatron.config import (ConfigError, ModelConfig, ParallelConfig, Recipe, model_config_from_dict,
                                    validate)
 from drope_megatron.typed_yaml import first_line
@@ -312,7 +312,9 @@ def load_model(path: str | Path, p: ParallelConfig, dtype: str | None = None, ad
     bad = [k for k in missing if not k.endswith(allowed) and not k.endswith("_extra_state")] + list(unexpected)
     if bad:
         raise ConfigError(f"{weights} does not fit the model: e.g. {bad[0]}")
-    return model, m
+    # megatron's norms are made in fp32 whatever params_dtype says (Megatron-LM casts its whole model,
+    # DeepSpeed does in training): bf16 activations against fp32 norm weights miss torch's fused norm.
+    return model.to(dtype=dtypes.to_torch(m.params_dtype)), m
 
 
 def _copy_tokenizer(src: Path | None, dst: Path) -> None:

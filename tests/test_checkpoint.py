@@ -46,8 +46,11 @@ def test_a_save_leaves_no_helper_process_behind(tmp_path, monkeypatch):
     assert set(multiprocessing.active_children()) <= before
     with distributed.session(single=True):
         loaded = checkpoint.load_model(tmp_path / "ckpt", ParallelConfig())[0]
+        # In bf16 every weight is bf16, the norms' too (megatron makes those in fp32): torch's fused norm.
+        half = checkpoint.load_model(tmp_path / "ckpt", ParallelConfig(), dtype="bfloat16")[0]
     saved = model.state_dict()
     assert all(torch.equal(t, saved[k]) for k, t in loaded.state_dict().items() if torch.is_tensor(t))
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
 
 
 def test_a_planted_object_in_a_checkpoint_is_never_unpickled(tmp_path):

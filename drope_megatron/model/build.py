@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from drope_megatron import compat, dtypes
@@ -60,6 +61,15 @@ def layer_spec(m: ModelConfig) -> ModuleSpec:
     return spec
 
 
+def block_spec(m: ModelConfig, config: TransformerConfig) -> TransformerBlockSubmodules:
+    """This stage's layers and a final norm of the layers' own kind. For a bare layer spec megatron
+    picks the final norm by what imports: Transformer Engine's, or Apex's fused LayerNorm, which
+    refuses RMSNorm (a crash on containers with Apex and no Transformer Engine)."""
+    spec = layer_spec(m)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=spec.submodules.input_layernorm)
+
+
 def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
                 gather_logits: bool = False) -> DropeGPTModel:
     """The model for this rank (its TP shard and PP stage), in `m.phase`.
@@ -73,7 +83,7 @@ def build_model(m: ModelConfig, p: ParallelConfig, initialize: bool = True,
     config.perform_initialization = initialize
     model = DropeGPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(m),
+        transformer_layer_spec=block_spec(m, config),
         vocab_size=m.padded_vocab(p.tensor_model_parallel_size),
         max_sequence_length=m.seq_length,
         pre_process=parallel_state.is_pipeline_first_stage(),

@@ -36,6 +36,9 @@ def load_partitioned(path: str | Path, p: ParallelConfig, ds_config: dict, add_q
     with deepspeed.zero.Init(config_dict_or_path=ds_config, mpu=MegatronMPU(),
                              data_parallel_group=parallel_state.get_data_parallel_group()):
         model = build_model(m, p, initialize=False)
+    # zero.Init casts every float tensor made inside it to the run's dtype, the rotary table too (a
+    # plain attribute): bf16 positions and frequencies would garble RoPE. Built again outside it.
+    model.set_rotary(m.rotary_base, m.rope_scaling)
     keys, offset = checkpoint.sharded_keys(m, p), checkpoint.layer_offset(model)
     for name, param in model.named_parameters():
         if new_norms and name.endswith(checkpoint.NEW_NORMS):
@@ -65,7 +68,8 @@ def sharded_for_save(model, m: ModelConfig, p: ParallelConfig) -> dict:
                 spec = keys[name]
                 # replica_id is (pipeline, tensor, data) rank: this rank is the one writer of the piece
                 replica = (*spec.replica_id[:-1], 0) if isinstance(spec.replica_id, tuple) else 0
-                changes = {"data": param.data.detach().clone(), "replica_id": replica}
+                # A host copy: on a GPU, 1/dp of the model would otherwise stay there until the save ends.
+                changes = {"data": param.data.detach().to("cpu", copy=True), "replica_id": replica}
                 if hasattr(spec, "dtype"):  # a ShardedTensor; a factory (fused SwiGLU) takes the data's
                     changes["dtype"] = param.dtype
                 mine[name] = dataclasses.replace(spec, **changes)

@@ -181,3 +181,24 @@ def test_a_model_built_for_loading_marks_its_split_weights_as_a_random_one_does(
     assert marks[0] == marks[1]
     assert marks[0]["decoder.layers.0.mlp.linear_fc1.weight"] == (True, 0, 2)
     assert marks[0]["decoder.layers.0.self_attention.linear_proj.weight"] == (True, 1, 1)
+
+
+def test_the_final_norm_is_the_layers_kind_whatever_megatron_finds_installed(tmp_path):
+    """With Apex importable (NGC containers) megatron's default final norm is Apex's fused LayerNorm,
+    which refuses RMSNorm: the model failed to build. Apex is stood in for by an empty package, as
+    megatron only asks whether it imports; a child process, since megatron asks at its import."""
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, child_env
+
+    (tmp_path / "apex").mkdir()
+    (tmp_path / "apex" / "__init__.py").write_text("")
+    code = ("from drope_megatron import distributed; from tests.helpers import tiny_model\n"
+            "with distributed.session(single=True):\n"
+            "    model = tiny_model()[0].decoder\n"
+            "    print(type(model.final_layernorm).__name__, type(model.layers[0].input_layernorm).__name__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env=child_env(PYTHONPATH=f"{tmp_path}:{ROOT}"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["RMSNorm", "RMSNorm"], proc.stdout

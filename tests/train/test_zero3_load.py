@@ -1,7 +1,7 @@
 """ZeRO-3 and Megatron checkpoints: parameters arrive partitioned (about half per rank on two
 ranks) in bf16, as a bf16 run builds them (megatron's fp32 norms included: before, their load
 failed megatron's dtype check), and, gathered, equal an unpartitioned load in bf16; saved back
-from the partitions, the checkpoint holds the same weights."""
+from the partitions, the checkpoint holds the same weights. RoPE's table stays fp32."""
 
 import json
 
@@ -22,6 +22,7 @@ def test_checkpoint_round_trip_through_partitioned_model(megatron_world, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     found = json.loads(out.read_text())
     assert found["max_abs_diff"] == 0.0 and found["world_size"] == 2
+    assert found["rotary_equal"]  # zero.Init made its table bf16: RoPE at garbled angles
     assert 0.45 < found["local"] / found["total"] < 0.55, found
     # Saved back from the partitions (each rank writing half the parameters): the same weights.
     original, _ = checkpoint.load_model(ckpt, recipe.parallel)

@@ -32,11 +32,14 @@ def main(ckpt: Path, out: Path, dtype: str) -> None:
         with deepspeed.zero.GatheredParameters([param]):
             assert param.dtype == getattr(torch, dtype), (name, param.dtype)
             worst = max(worst, (param.data - full[name].data.to(param.dtype)).abs().max().item())
+    length = checkpoint.model_config(ckpt).seq_length
+    rotary_equal = torch.equal(model.rotary_pos_emb(length), reference.rotary_pos_emb(length))
     checkpoint.save(model, checkpoint.model_config(ckpt), out.with_name("saved"), sharded=sharded_for_save(
         model, checkpoint.model_config(ckpt), ParallelConfig()))
     if env.rank == 0:
         out.write_text(json.dumps({"local": local, "total": total, "max_abs_diff": worst,
-                                   "names": len(full), "world_size": env.world_size}))
+                                   "names": len(full), "world_size": env.world_size,
+                                   "rotary_equal": rotary_equal}))
     distributed.shutdown()
 
 
