@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(p)
     p.add_argument("--phases", default="rope,drope", help="comma-separated phases in order (rope,drope,layers)")
     p.add_argument("--steps", type=int, default=5, help="optimizer steps per phase (default 5)")
-    p.add_argument("--metrics", help="write the losses as JSON to this path (rank 0)")
+    p.add_argument("--metrics", help="write the losses and gradient norms as JSON to this path (rank 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_smoke)
     for name, text in (("pretrain", "train from scratch with RoPE (small models, the demo)"),

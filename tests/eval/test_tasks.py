@@ -81,6 +81,22 @@ def test_scoring_agrees_with_greedy_decoding(checkpoints):
         assert not ok and predicted == generated[:4]
 
 
+def test_evaluate_counts_exact_answers_overall_and_by_depth(checkpoints):
+    """The model's own greedy output, where it stops a word, is an answer it gets right; the same
+    with its first token changed, one it gets wrong. (A random model gets no real prompt right.)"""
+    backend = MegatronBackend(checkpoints["rope"], "float32", 1)
+    samples = []
+    for seed in range(2):
+        prompt = tasks.make_sample("passkey", backend.tokenizer, TRAIN_LENGTH, 0.0, random.Random(seed)).prompt
+        out = _greedy(backend, prompt, 7)
+        k = next(k for k in range(1, 7) if not retrieval.continues(backend.tokenizer, out[:k], out[k]))
+        samples += [tasks.Sample("passkey", TRAIN_LENGTH, 0.0, prompt, out[:k], ""),
+                    tasks.Sample("passkey", TRAIN_LENGTH, 1.0, prompt, [(out[0] + 1) % 900, *out[1:k]], "")]
+    result = retrieval.evaluate(backend, samples)
+    assert (result["accuracy"], result["by_depth"], result["samples"]) == (0.5, {"0": 1.0, "1": 0.0}, 4)
+    assert 0.5 <= result["found"] <= 1.0
+
+
 def test_an_answer_is_exact_only_if_the_greedy_output_stops_there(tokenizer):
     """`85390455` is not `8539045`: before, the token after the answer was never looked at."""
     answer = tokenizer.encode(" 8539045")

@@ -61,6 +61,20 @@ def test_length_factors_follow_log_ratio():
     assert hot_core(train_length=4096).length_factors(1, 4200, "cpu").item() == pytest.approx(1.00302, abs=1e-5)
 
 
+@pytest.mark.parametrize("queries", [32, 5])  # a whole sequence; the last queries over a cache
+def test_log_length_temperature_is_attention_with_each_query_scaled(queries):
+    """softmax(f_i q_i k^T / sqrt(d)) v with f_i = max(1, log(i + 1) / log(L)), written out here."""
+    core, length, train = hot_core(train_length=8), 32, 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n, 1, 4, 16, generator=gen) for n in (queries, length, length))
+    pos = torch.arange(length - queries, length, dtype=torch.float64)
+    f = torch.clamp(torch.log(pos + 1) / math.log(train), min=1.0)
+    scores = torch.einsum("qhd,khd->hqk", q[:, 0].double() * f[:, None, None], k[:, 0].double()) / math.sqrt(16)
+    scores = scores.masked_fill(torch.arange(length)[None, :] > pos[:, None], float("-inf"))
+    expected = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[:, 0].double()).reshape(queries, 1, 64)
+    torch.testing.assert_close(core(q, k, v, None).double(), expected, rtol=0, atol=1e-5)
+
+
 def hot_core(train_length):
     model, _ = tiny_model()
     config = model.config

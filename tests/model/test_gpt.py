@@ -68,8 +68,11 @@ def test_layers_phase_applies_rope_only_where_asked():
     model.set_phase("layers", [1])
     uses = [layer.self_attention.use_rope for layer in model.decoder.layers]
     assert uses == [False, True] and model.position_embedding_type == "rope"
+    one_layer = logits(model, recipe)
     model.set_phase("drope")
     assert model.position_embedding_type == "none"
+    # RoPE in layer 1 only computes something else than in both layers, or in none (the flags act)
+    assert (one_layer - full).abs().max() > 1e-4 and (one_layer - logits(model, recipe)).abs().max() > 1e-4
 
 
 def test_rope_flags_reject_bad_phase_and_layers():

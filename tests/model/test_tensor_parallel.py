@@ -1,4 +1,6 @@
-"""Tensor parallelism: TP=2 on two real torchrun processes gives TP=1's losses to 1e-5."""
+"""Tensor parallelism: TP=2 on two real torchrun processes gives TP=1's losses to 1e-5, and its
+gradient norms (Adam's steps hide a gradient's scale from the losses: a doubled or halved
+gradient of a replicated weight would pass on losses alone)."""
 
 import json
 
@@ -33,6 +35,7 @@ def test_tp2_matches_tp1(tmp_path, name):
     for phase in phases.split(","):
         assert len(one["losses"][phase]) == 4
         assert two["losses"][phase] == pytest.approx(one["losses"][phase], abs=1e-5), phase
+        assert two["grad_norms"][phase] == pytest.approx(one["grad_norms"][phase], rel=1e-4), phase
 
 
 def test_smoke_refuses_world_size_other_than_tp():

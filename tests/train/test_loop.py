@@ -19,6 +19,11 @@ def corpus(tmp_path_factory):
     return corpus_lib.build(tmp_path_factory.mktemp("corpus"))
 
 
+def grad_norms(rows) -> dict:
+    """The logged gradient norms by step: what DeepSpeed clips by (Adam's losses hide a gradient's scale)."""
+    return {r["step"]: r["grad_norm"] for r in rows}
+
+
 def losses(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     by_step = {r["step"]: r for r in rows}  # one record per step: a resume drops the lines past its checkpoint
@@ -106,10 +111,11 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_on_two_processes_matches_one(corpus, tmp_path, baseline, stage):
-    baseline = baseline[0]
+    baseline, baseline_rows = baseline
     run(corpus, tmp_path / "run", "train.steps=4", f"train.zero_stage={stage}", nproc=2)
     seq, rows = losses(tmp_path / "run")
     assert seq == pytest.approx(baseline, rel=1e-5, abs=1e-5)
+    assert grad_norms(rows) == pytest.approx(grad_norms(baseline_rows), rel=1e-4)
     first = rows[0]
     if stage == 3:  # each rank holds half of the parameters and of the optimizer state
         assert first["params_local"] == pytest.approx(first["params_total"] / 2, rel=0.02)
@@ -138,6 +144,7 @@ def test_tp2_with_zero1_matches_tp1(corpus, tmp_path, baseline):
         "train.micro_batch_size=8", nproc=2)
     seq, rows = losses(tmp_path / "run")
     assert seq == pytest.approx(baseline[0], rel=1e-5, abs=1e-5)
+    assert grad_norms(rows) == pytest.approx(grad_norms(baseline[1]), rel=1e-4)  # split weights counted whole
     assert rows[0]["params_local"] < baseline[1][0]["params_local"]  # each rank holds TP shards
 
 

@@ -56,8 +56,11 @@ def test_lost_rank_ends_job_and_rerun_resumes(corpus, tmp_path, uninterrupted, s
     rc, waited, err = faults.finish(proc, timeout=120)
     faults.kill_all(proc)  # a frozen rank may outlive its launcher
     assert rc != 0 and waited < 90, (rc, waited, err[-1500:])
+    latest = int((run_dir / "checkpoints" / "latest").read_text().strip()[4:])
     proc = torchrun(2, ["-m", "drope_megatron.cli", *args], timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # From the checkpoint (a run from scratch would give the same losses too)
+    assert "drope: resuming" in proc.stderr and f"at step {latest} " in proc.stderr, proc.stderr[-2000:]
     assert losses(run_dir)[0] == pytest.approx(uninterrupted, rel=1e-5, abs=1e-5)
 
 
