@@ -64,7 +64,7 @@ def baseline(corpus, tmp_path_factory):
     return losses(run_dir)
 
 
-def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
+def test_pretrain_then_recalibrate(corpus, tmp_path, baseline, capsys):
     baseline = baseline[0]
     pre = tmp_path / "pre"
     # A recipe's phase never changes what a command trains; the user is told (`drope config` prints it).
@@ -80,9 +80,11 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline):
     assert [r["lr"] for r in rows] == pytest.approx([1e-3 * f for f in (0, 0.5, *cosine)])
     assert rows[0]["grad_norm"] > 0
     assert checkpoint.model_config(pre / "final").phase == "rope"
-    wrong = drope("recalibrate", *corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), f"train.save_dir={pre}",
-                  "train.steps=6", f"train.init_from={pre / 'final'}", "--quiet")  # the pretraining's run folder
-    assert wrong.returncode == 2 and "phase=rope now drope" in wrong.stderr
+    from drope_megatron.cli import main  # the real command line, in this process
+
+    wrong = ["recalibrate", *corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), f"train.save_dir={pre}",
+             "train.steps=6", f"train.init_from={pre / 'final'}", "--quiet"]  # the pretraining's run folder
+    assert main(wrong) == 2 and "phase=rope now drope" in capsys.readouterr().err
     bf16 = _bf16_copy(pre / "final", tmp_path / "bf16")  # as `hf-to-megatron` keeps a bf16 source
     rec = tmp_path / "rec"
     proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",

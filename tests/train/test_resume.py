@@ -1,5 +1,6 @@
-"""Faults and resumption: SIGKILL and SIGSTOP of a rank end the job in bounded time; rerunning
-the same command resumes from the last checkpoint with the uninterrupted run's losses."""
+"""Faults and resumption: a SIGKILLed rank ends the job in bounded time (a frozen one: see
+tests/test_distributed.py); rerunning the same command resumes from the last checkpoint with the
+uninterrupted run's losses."""
 
 import os
 import signal
@@ -46,15 +47,17 @@ def test_sigkill_then_rerun_is_exact(corpus, tmp_path, uninterrupted):
     assert kept == ["step00000009", "step00000012"]  # keep_last=2
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "frozen"])
-def test_lost_rank_ends_job_and_rerun_resumes(corpus, tmp_path, uninterrupted, sig):
+def test_lost_rank_ends_job_and_rerun_resumes(corpus, tmp_path, uninterrupted):
+    """A killed rank ends the job in bounded time, and a rerun resumes. (A frozen rank's collective
+    times out as tests/test_distributed.py's frozen peer does; in this loop, SIGSTOP added only
+    torchrun's fixed 30 s wait before it kills a stopped worker, and 45 s to the suite.)"""
     run_dir = tmp_path / "run"
     args = job_args(corpus, run_dir, "train.zero_stage=1", "parallel.timeout_minutes=0.1")
     proc = faults.start(args, nproc=2)
     faults.wait_for_step(run_dir, 5, proc)
-    faults.rank_process(proc, 1).send_signal(sig)
+    faults.rank_process(proc, 1).send_signal(signal.SIGKILL)
     rc, waited, err = faults.finish(proc, timeout=120)
-    faults.kill_all(proc)  # a frozen rank may outlive its launcher
+    faults.kill_all(proc)
     assert rc != 0 and waited < 90, (rc, waited, err[-1500:])
     latest = int((run_dir / "checkpoints" / "latest").read_text().strip()[4:])
     proc = torchrun(2, ["-m", "drope_megatron.cli", *args], timeout=240)

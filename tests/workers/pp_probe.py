@@ -1,6 +1,7 @@
 """Pipeline parallel probe: loads a dist checkpoint at this job's TP/PP and runs megatron's schedule.
 
-    pp_probe.py save CKPT OUT TP PP   (world of 1) build the tiny model, save it as a dist checkpoint
+    pp_probe.py save CKPT OUT 1 1     (world of 1) build the tiny model, save it as a dist checkpoint,
+                                      then run it as `run` does (one process: its imports cost seconds)
     pp_probe.py run  CKPT OUT TP PP   load CKPT at TP x PP, forward two micro-batches through
                                       megatron's pipeline schedule, write the losses of the last stage
 """
@@ -28,12 +29,12 @@ def main(mode: str, ckpt: str, out: Path, tp: int, pp: int) -> None:
     if mode == "save":
         Path(ckpt).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), ckpt)
-    else:
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
-        losses = forward(model, recipe)
-        if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
-            layers = [layer.layer_number for layer in model.decoder.layers]
-            (out / "losses.json").write_text(json.dumps({"losses": losses, "last_stage_layers": layers}))
+        model = build_model(recipe.model, recipe.parallel, initialize=False)  # loaded as the other layouts are
+    model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), ckpt))
+    losses = forward(model, recipe)
+    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+        layers = [layer.layer_number for layer in model.decoder.layers]
+        (out / "losses.json").write_text(json.dumps({"losses": losses, "last_stage_layers": layers}))
     distributed.shutdown()
 
 
