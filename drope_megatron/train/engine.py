@@ -173,8 +173,13 @@ def rates_from_schedule(schedule) -> None:
 
 
 def adamw(model, t: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2),
-                             eps=t.adam_eps)
+    """torch's AdamW; for a model on a GPU its one-kernel (fused) form: the default there, a loop
+    of multi-tensor ops, passes over the fp32 state several times a step. (ZeRO-Offload steps the
+    host's copy with torch's fused CPU kernel.)"""
+    groups = param_groups(model, t.weight_decay)
+    fused = all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps,
+                             **({"fused": True} if fused else {}))
 
 
 def initialize(model, t: TrainConfig, ds_config: dict[str, Any]):
