@@ -16,12 +16,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 def write(results: dict, out: Path) -> list[Path]:
     """All report files into `out` (a folder being staged); returns the plots written."""
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    plots = []
+    figures = {}
     if _has(results, "ppl"):
-        plots += [_ppl_plot(results, out / "ppl_vs_length.png"), _position_plot(results, out / "position_loss.png")]
+        figures.update({"ppl_vs_length.png": ppl_figure(results), "position_loss.png": position_figure(results)})
     for task in results["tasks"]:
         if task != "ppl" and _has(results, task):
-            plots.append(_heatmap(results, task, out / f"retrieval_{task}.png"))
+            figures[f"retrieval_{task}.png"] = heatmap_figure(results, task)
+    plots = [_save(figure, out / name) for name, figure in figures.items()]
     (out / "report.md").write_text(markdown(results, [p.name for p in plots]))
     return plots
 
@@ -74,7 +75,7 @@ def _cell(value: dict | None, key: str) -> str:
     return f"{value[key]:.2f}" if key == "ppl" else f"{100 * value[key]:.0f}"
 
 
-def _ppl_plot(results: dict, path: Path) -> Path:
+def ppl_figure(results: dict):
     fig, ax = plt.subplots(figsize=(6, 4))
     for row, values in results["rows"].items():
         points = [(v["length_tokens"], v["ppl"]) for v in values.get("ppl", {}).values()]
@@ -82,11 +83,10 @@ def _ppl_plot(results: dict, path: Path) -> Path:
             ax.plot(*zip(*sorted(points)), marker="o", label=row)
     ax.set(xscale="log", yscale="log", xlabel="evaluation length (tokens)", ylabel="perplexity",
            title="Perplexity by length")
-    _finish(fig, ax, path)
-    return path
+    return _styled(fig, ax)
 
 
-def _position_plot(results: dict, path: Path) -> Path:
+def position_figure(results: dict):
     fig, ax = plt.subplots(figsize=(7, 4))
     for row, values in results["rows"].items():
         ppl = values.get("ppl", {})
@@ -101,11 +101,10 @@ def _position_plot(results: dict, path: Path) -> Path:
         ax.axvline(info["train_length"], color="grey", linestyle="--", linewidth=1)
     ax.set(xlabel="position (tokens); dashed: training length", ylabel="mean loss (nats)",
            title="Loss by position at the longest length")
-    _finish(fig, ax, path)
-    return path
+    return _styled(fig, ax)
 
 
-def _heatmap(results: dict, task: str, path: Path) -> Path:
+def heatmap_figure(results: dict, task: str):
     rows = [(row, v[task]) for row, v in results["rows"].items() if task in v]
     fig, axes = plt.subplots(1, len(rows), figsize=(3.2 * len(rows), 3.2), squeeze=False)
     for ax, (row, by_length) in zip(axes[0], rows):
@@ -120,15 +119,17 @@ def _heatmap(results: dict, task: str, path: Path) -> Path:
             for j, value in enumerate(line):
                 ax.text(j, i, f"{100 * value:.0f}", ha="center", va="center", fontsize=8)
     fig.suptitle(f"{task}: exact-match accuracy (%)")
+    return fig
+
+
+def _styled(fig, ax):
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _finish(fig, ax, path: Path) -> None:
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

@@ -62,8 +62,9 @@ def found(tokenizer, sample: Sample, predicted: list[int]) -> bool:
 
 
 def evaluate(backend, task_samples: list[Sample], progress: bool = False, label: str = "") -> dict:
-    """Exact-match accuracy overall and per depth, the share of needles found, and the first
-    sample's prediction for the report. Data-parallel ranks score a share of the samples each."""
+    """Exact-match accuracy overall and per depth, the share of needles found, the longest prompt
+    (answer included) in tokens, and the first sample's prediction for the report. Data-parallel
+    ranks score a share of the samples each."""
     mine = data_parallel_share(list(enumerate(task_samples)), backend.whole_model)
     scored = []  # (index, depth, exact, found, the prediction's text)
     for i, sample in tqdm(mine, desc=f"{label} {task_samples[0].task} {task_samples[0].length}",
@@ -79,4 +80,5 @@ def evaluate(backend, task_samples: list[Sample], progress: bool = False, label:
     example = {"answer": task_samples[0].answer_text, "predicted": scored[0][4]}
     hits = [h for hs in by_depth.values() for h in hs]
     return {"accuracy": sum(hits) / len(hits), "found": sum(hits_found) / len(hits), "samples": len(hits),
+            "prompt_tokens": max(len(s.prompt) + len(s.answer) for s in task_samples),  # with the answer
             "by_depth": {f"{d:g}": sum(hs) / len(hs) for d, hs in sorted(by_depth.items())}, "example": example}

@@ -55,6 +55,8 @@ def test_indexed_ids_beyond_the_models_vocabulary_are_refused(sources):
     with pytest.raises(ConfigError, match=r"holds token id 120 but the model's vocabulary is 100: it was "
                                           "tokenised with another tokenizer"):
         list(documents(d, None, 0, seed=1, vocab_size=100))
+    with pytest.raises(ConfigError, match="holds token id 120 but the model's vocabulary is 120"):
+        list(documents(d, None, 0, seed=1, vocab_size=120))  # ids run 0 .. vocab_size - 1
 
 
 @pytest.mark.parametrize("streaming", [False, True])

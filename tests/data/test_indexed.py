@@ -90,3 +90,6 @@ def test_documents_without_eos_are_refused_for_training(tmp_path):
     with pytest.raises(ConfigError, match=r"document 1 does not end with the tokenizer's EOS \(id 2\)"):
         check_ends(d, eos_id=2)
     assert [r.tolist() for r in documents(d, None, 0, 0)] == [[5, 6, 2], [7, 8]]  # evaluation reads it as is
+    write_indexed([[5, 6], [7, 2]], tmp_path / "set", vocab_size=100)
+    with pytest.raises(ConfigError, match=r"document 0 does not end"):
+        check_ends(d, eos_id=2)

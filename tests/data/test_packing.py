@@ -7,6 +7,7 @@ import itertools
 
 import numpy as np
 import pytest
+import torch
 
 from drope_megatron.config import ConfigError
 from drope_megatron.data.packing import BatchStream, PackedBlocks, block_stream
@@ -86,8 +87,14 @@ def test_a_resumed_stream_replays_what_an_uninterrupted_one_serves():
     for resumed in (stream(position, state), stream(position, replay=True)):  # from a state, or replayed
         assert all((resumed.next_micro_batch() == b).all() for b in batches[-2:])
         assert resumed.position == whole.position
-    other = stream(rank=1)  # the other rank takes the other half of the same group
-    assert not (other.next_micro_batch() == batches[0]).all()
+    # Together the ranks serve what one rank of a data-parallel size 1 serves, each block once:
+    # rank 0 the first half of each group of 2 x 2 blocks, rank 1 the second.
+    other = stream(rank=1)
+    alone = BatchStream(block_stream(_book_and_notes, 5, 16, 3), micro_batch=4, dp_rank=0, dp_size=1)
+    for step in range(3):
+        both = torch.cat([batches[step], other.next_micro_batch()])
+        assert torch.equal(both, alone.next_micro_batch())
+        assert len({tuple(row) for row in both.tolist()}) == 4
 
 
 def test_a_changed_shuffle_window_is_refused_on_resume():

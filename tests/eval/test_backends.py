@@ -37,9 +37,15 @@ def test_baselines_keep_partial_rotary_and_plain_rope_returns(tmp_path, family):
     whole = torch.nn.functional.cross_entropy(plain[0, :-1], ids[0, 1:], reduction="none")
     assert torch.allclose(token_losses(backend, ids[0].tolist(), chunk=5), whole, atol=1e-5)
     frequencies = backend.model.base_model.rotary_emb.inv_freq.numel()
+    r = backend.rotary_dim  # the rotated part of each 16-wide head
+    assert r == {"phi": 8, "gpt_neox": 4}[family] == 2 * frequencies
     for method in ("pi", "ntk", "yarn"):
         backend.use(method, 4 * TRAIN)
-        assert backend.model.base_model.rotary_emb.inv_freq.numel() == frequencies
+        inv_freq = backend.model.base_model.rotary_emb.inv_freq
+        assert inv_freq.numel() == frequencies
+        if method == "ntk":  # the base grown for the rotated width, not the head's
+            grown = backend.base * 4.0 ** (r / (r - 2))
+            assert torch.allclose(inv_freq, 1.0 / grown ** (torch.arange(0, r, 2).float() / r), rtol=1e-6)
         assert not torch.allclose(backend.logits(ids), plain)
         backend.use("none", 4 * TRAIN)
         assert torch.equal(backend.logits(ids), plain)

@@ -34,6 +34,8 @@ def test_eval_writes_json_table_and_plots(checkpoints, corpus, tmp_path):
     passkey = results["rows"]["drope"]["passkey"]["2x"]
     assert passkey["samples"] == 2 and set(passkey["by_depth"]) == {"0", "1"}
     assert passkey["accuracy"] <= passkey["found"] <= 1  # an exact answer found its needle
+    for text, tokens in (("1x", TRAIN_LENGTH), ("2x", 2 * TRAIN_LENGTH)):  # prompts made at each length
+        assert tokens - 8 <= results["rows"]["rope+yarn"]["niah_single"][text]["prompt_tokens"] <= tokens
     table = (out / "report.md").read_text()
     assert "| rope+yarn |" in table and "## passkey" in table and "## niah_single" in table
     assert "## passkey: needle found" in table

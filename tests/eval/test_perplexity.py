@@ -49,11 +49,11 @@ def test_token_losses_in_chunks_equal_one_pass(backend):
 
 
 def test_long_documents_are_the_first_long_enough_in_file_order_cut_to_length(tmp_path):
-    texts = ["short", "a" * 30, "tiny", "b" * 50, "c" * 25, "d" * 40]
+    texts = ["short", "a" * 30, "tiny", "b" * 50, "c" * 24, "d" * 40]  # "c" * 24 and its EOS: exactly 25
     path = tmp_path / "docs.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     found = long_documents([str(path)], CHARS, min_tokens=25, limit=3)
-    assert found == [[ord("a")] * 25, [ord("b")] * 25, [ord("c")] * 25]
+    assert found == [[ord("a")] * 25, [ord("b")] * 25, [ord("c")] * 24 + [CHARS.eos_id]]
     assert len(long_documents([str(path)], CHARS, min_tokens=25, limit=10)) == 4
     # Each document ends in the tokenizer's EOS, which counts: the longest is 51 tokens.
     with pytest.raises(ConfigError, match=r"no document .* has 60 tokens \(the longest has 51\)"):

@@ -65,6 +65,14 @@ def test_rotary_matches_transformers(megatron_world, method, length):
         assert not torch.allclose(ours, plain)  # the method really stretched something
 
 
+def test_no_method_stretches_rope_within_the_trained_length():
+    for method in METHODS:
+        for length in (TRAIN // 2, TRAIN):  # a factor below 1 would compress the trained positions
+            assert scaling.rotary_for(method, 10000.0, 16, TRAIN, length) == scaling.rotary_for("none", 10000.0, 16,
+                                                                                                 TRAIN, TRAIN)
+    assert scaling.rotary_for("none", 10000.0, 16, TRAIN, TRAIN).scaling.type == "none"
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     from drope_megatron.convert.hf_to_megatron import convert

@@ -44,6 +44,17 @@ def test_queried_needle_sits_at_the_depth(tokenizer, task, depth):
     assert abs(where - depth) < 0.02, where
 
 
+@pytest.mark.parametrize("task", ["niah_multivalue", "vt"])
+def test_chained_needles_follow_the_queried_one_in_order(tokenizer, task):
+    # The answer lists the values (the chain's variables) in the needles' order: so must the text.
+    for depth in (0.0, 0.5, 0.9):
+        for seed in range(3):
+            sample = tasks.make_sample(task, tokenizer, 2048, depth, random.Random(seed))
+            text = tokenizer.decode(sample.prompt)
+            where = [text.index(needle) for needle in sample.needles]
+            assert where == sorted(where), (depth, seed)
+
+
 def test_prompts_are_seeded(tokenizer):
     a = retrieval.samples("niah_single", tokenizer, 512, [0.5], 2, seed=3)
     b = retrieval.samples("niah_single", tokenizer, 512, [0.5], 2, seed=3)
@@ -91,10 +102,16 @@ def test_evaluate_counts_exact_answers_overall_and_by_depth(checkpoints):
         out = _greedy(backend, prompt, 7)
         k = next(k for k in range(1, 7) if not retrieval.continues(backend.tokenizer, out[:k], out[k]))
         samples += [tasks.Sample("passkey", TRAIN_LENGTH, 0.0, prompt, out[:k], ""),
-                    tasks.Sample("passkey", TRAIN_LENGTH, 1.0, prompt, [(out[0] + 1) % 900, *out[1:k]], "")]
+                    tasks.Sample("passkey", TRAIN_LENGTH, 1.0, prompt, [(out[0] + 1) % 900, *out[1:k]], ""),
+                    # the needle found (its first token right), the answer longer than what the model says
+                    tasks.Sample("passkey", TRAIN_LENGTH, 0.5, prompt, [*out[:k], (out[k] + 1) % 900], "")]
     result = retrieval.evaluate(backend, samples)
-    assert (result["accuracy"], result["by_depth"], result["samples"]) == (0.5, {"0": 1.0, "1": 0.0}, 4)
-    assert 0.5 <= result["found"] <= 1.0
+    assert (result["accuracy"], result["by_depth"], result["samples"]) == (2 / 6, {"0": 1.0, "0.5": 0.0, "1": 0.0}, 6)
+    predictions = [retrieval.score(backend, s)[1] for s in samples]
+    assert all(retrieval.found(backend.tokenizer, s, p) for s, p in zip(samples, predictions) if s.depth < 1)
+    found = [retrieval.found(backend.tokenizer, s, p) for s, p in zip(samples, predictions)]
+    assert result["found"] == sum(found) / 6 >= 4 / 6
+    assert result["example"]["predicted"] == backend.tokenizer.decode(predictions[0]).strip()
 
 
 def test_an_answer_is_exact_only_if_the_greedy_output_stops_there(tokenizer):
@@ -106,6 +123,8 @@ def test_an_answer_is_exact_only_if_the_greedy_output_stops_there(tokenizer):
     assert not retrieval.continues(tokenizer, answer, piece[","])
     assert not retrieval.continues(tokenizer, answer, tokenizer.eos_id)
     assert not retrieval.continues(tokenizer, answer, tokenizer.encode(" the")[-1])  # a new word
+    names = tokenizer.encode(" ABCDE")  # variable tracking answers with names: letters glue on too
+    assert retrieval.continues(tokenizer, names, tokenizer.encode("ABCDEF")[-1])
 
 
 def test_a_needle_is_found_when_the_answers_first_text_token_is_right(tokenizer):
