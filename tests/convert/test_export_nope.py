@@ -86,16 +86,22 @@ def test_inexpressible_exports_are_refused_and_leave_nothing(tmp_path, family, a
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
-def test_qk_norm_variant_is_refused(tmp_path):
+@pytest.mark.parametrize("setting,message", [
+    ("model.qk_norm=true", "QK-norm DroPE variant"),
+    ("model.softmax_scale=0.2", r"model.softmax_scale=0.2 differs from head_dim\*\*-0.5"),  # head_dim 16: 0.25
+    ("model.attention_temperature=log_length", "attention_temperature is an inference option"),
+])
+def test_functions_no_stock_architecture_computes_are_refused(tmp_path, setting, message):
     from drope_megatron.config import load_recipe
     from drope_megatron.model import build_model
 
     recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-                                "model.vocab_size=128", "model.qk_norm=true", "model.phase=drope"])
+                                "model.vocab_size=128", setting, "model.phase=drope"])
     with distributed.session(single=True):
-        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "qk")
-    with pytest.raises(ConfigError, match="QK-norm DroPE variant"):
-        export(tmp_path / "qk", tmp_path / "out", show_progress=False)
+        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "own")
+    with pytest.raises(ConfigError, match=message):
+        export(tmp_path / "own", tmp_path / "out", show_progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_drope_model_trained_here_exports_without_foreign_token_ids(tmp_path):
@@ -134,6 +140,24 @@ def test_a_model_trained_here_takes_its_token_ids_from_its_tokenizer(tmp_path):
     export(tmp_path / "own", tmp_path / "out", show_progress=False)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["eos_token_id"] == sp.eos_id() and written.get("pad_token_id") is None
+    assert written.get("bos_token_id") is None  # the bare .model adds no BOS: training saw none
+    # A tokenizer that puts its BOS before every text (as Llama's does): the export says which id.
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(100)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="w1 $A", special_tokens=[("w1", 1)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="w1", eos_token="w2").save_pretrained(
+        str(tmp_path / "bos_tokenizer"))
+    recipe = load_recipe(None, ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+                                "model.vocab_size=100", "model.phase=drope"])
+    with distributed.session(single=True):
+        checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "bos",
+                        tokenizer=tmp_path / "bos_tokenizer")
+    export(tmp_path / "bos", tmp_path / "bos_out", show_progress=False)
+    written = json.loads((tmp_path / "bos_out" / "config.json").read_text())
+    assert (written["bos_token_id"], written["eos_token_id"]) == (1, 2)
 
 
 def test_ids_the_source_leaves_unset_come_from_the_tokenizer(tmp_path):

@@ -48,6 +48,11 @@ def test_logits_match_and_export_is_bitwise(tmp_path, family, gqa, tied):
     written = json.loads((out_dir / "config.json").read_text())
     assert written["architectures"] == [type(model).__name__]
     assert written["tie_word_embeddings"] == tied and written["num_key_value_heads"] == (2 if gqa else 4)
+    assert checkpoint.model_config(meg_dir).norm_epsilon == 0.05
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():  # the exported config computes the same function with the same weights
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(str(out_dir)).eval()(tokens).logits, theirs)
 
 
 @pytest.mark.parametrize("scaling", [
@@ -83,6 +88,26 @@ def test_half_precision_is_kept_not_upcast(tmp_path, dtype):
     assert all(t.dtype == dtype for t in after.values())
     assert all(torch.equal(a, after[k]) for k, a in weights(hf_dir).items())
     assert json.loads((out_dir / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+
+
+def test_a_dtype_asked_for_is_the_one_stored(tmp_path):
+    """--dtype on either side casts what is written, and the metadata says so."""
+    from transformers import AutoModelForCausalLM
+
+    save_hf_model(tmp_path / "hf", hf_config("llama"), torch.bfloat16)
+    convert(tmp_path / "hf", tmp_path / "meg", dtype="float32", show_progress=False)
+    assert checkpoint.model_config(tmp_path / "meg").params_dtype == "float32"
+    export(tmp_path / "meg", tmp_path / "out", show_progress=False)  # the stored fp32 goes out as fp32
+    after = weights(tmp_path / "out")
+    assert all(t.dtype == torch.float32 for t in after.values())
+    assert all(torch.equal(t.float(), after[k]) for k, t in weights(tmp_path / "hf").items())  # bf16 is exact in fp32
+    export(tmp_path / "meg", tmp_path / "half", dtype="bfloat16", show_progress=False)
+    assert all(t.dtype == torch.bfloat16 for t in weights(tmp_path / "half").values())
+    assert json.loads((tmp_path / "half" / "config.json").read_text())["dtype"] == "bfloat16"
+    tokens = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():  # loaded alike (a module cast to bf16 would also round its rotary buffer)
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(str(tmp_path / "half")).eval()(tokens).logits,
+                           AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()(tokens).logits)
 
 
 def test_sharded_source_and_sharded_export(tmp_path):

@@ -132,6 +132,15 @@ def test_rotary_base_and_scaling_reach_the_frequencies():
     assert yarn.position_embedding_type == "yarn"
 
 
+@pytest.mark.parametrize("variant", ["model.qk_norm=true", "model.qk_head_norm=true"])
+def test_every_norm_takes_the_models_epsilon(variant):
+    model, recipe = tiny_model("model.norm_epsilon=0.03", variant)
+    norms = {name: module.eps for name, module in model.named_modules() if "RMSNorm" in type(module).__name__}
+    layers = recipe.model.num_layers
+    assert len(norms) == 4 * layers + 1  # two per layer, q and k per layer, the final one
+    assert set(norms.values()) == {0.03}, norms
+
+
 def test_qkv_bias_and_untied_embeddings():
     model, recipe = tiny_model("model.qkv_bias=true", "model.tie_embeddings=false")
     sd = model.state_dict()

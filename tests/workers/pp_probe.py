@@ -22,11 +22,18 @@ MICRO, BATCHES = 2, 2
 
 
 def main(mode: str, ckpt: str, out: Path, tp: int, pp: int) -> None:
-    recipe = tiny_recipe("model.num_layers=4", "model.phase=drope", f"parallel.tensor_model_parallel_size={tp}",
-                         f"parallel.pipeline_model_parallel_size={pp}")
+    # RoPE in the first and last layers only: a stage must place its layers by their global number.
+    # The full-width q/k norm's weight is split over TP ranks in the checkpoint's layout.
+    recipe = tiny_recipe("model.num_layers=4", "model.phase=layers", "model.rope_layers=[0,3]", "model.qk_norm=true",
+                         f"parallel.tensor_model_parallel_size={tp}", f"parallel.pipeline_model_parallel_size={pp}")
     distributed.initialize(recipe.parallel)
     model = build_model(recipe.model, recipe.parallel)
     if mode == "save":
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # norms start at 1: moved off it, so a misplaced shard shows
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
         Path(ckpt).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(model.sharded_state_dict(), ckpt)
         model = build_model(recipe.model, recipe.parallel, initialize=False)  # loaded as the other layouts are
