@@ -17,8 +17,8 @@ def write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.chmod(tmp, file_mode())  # mkstemp's 0600 would make `latest` and metadata owner-only
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp's 0600 would make `latest` and metadata owner-only
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -76,7 +76,12 @@ def publish_dir(staging: Path, dst: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
         dst.rename(old)
-    staging.rename(dst)
+    try:
+        staging.rename(dst)
+    except BaseException:
+        if old.exists() and not dst.exists():  # the old version back where it was
+            old.rename(dst)
+        raise
     sync_path(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 

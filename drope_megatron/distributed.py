@@ -63,8 +63,9 @@ def discover() -> DistEnv:
 
 def _from_rank_vars(env) -> DistEnv:
     world = int(env["WORLD_SIZE"])
-    # Set by hand inside srun/mpirun (export RANK=$SLURM_PROCID): the launcher still knows the node-local rank.
-    local = next((env[k] for k in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
+    # Set by hand inside srun/mpirun (export RANK=$SLURM_PROCID): the launcher still knows the node-local
+    # rank. MPI's own first: mpirun inside a Slurm allocation inherits the allocation's SLURM_LOCALID.
+    local = next((env[k] for k in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID")
                   if k in env), "0" if world == 1 else None)
     addr = env.get("MASTER_ADDR", "127.0.0.1" if world == 1 else None)
     for name, value in (("LOCAL_RANK", local), ("MASTER_ADDR", addr)):

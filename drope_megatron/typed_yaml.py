@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -63,6 +64,8 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
+    if isinstance(value, int) and not isinstance(value, bool) and str(value) != text.strip():
+        value = text.strip()  # YAML 1.1 reads 0123 as octal, 0x1F as hex: a path or name keeps its text
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:
@@ -119,6 +122,8 @@ def _coerce_scalar(tp: type, value: Any, key: str) -> Any:
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(_\d+)*", value.strip()):  # 0123, 1_000 as decimals
+            return int(value.replace("_", ""))
     elif tp is float:
         number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -30,6 +30,11 @@ def test_overrides_are_typed(tmp_path):
     assert r.train.lr == pytest.approx(1e-4)
     assert r.model.rope_layers == [0, 5] and r.model.phase == "layers"
     assert r.model.qk_norm is True and r.model.softmax_scale == 0.125
+    # Bounds are inclusive where a run can use them; a path keeps the text YAML would read as octal.
+    r = load_recipe(None, ["train.steps=10", "train.warmup_steps=10", "train.schedule=cosine",
+                           "train.min_lr_ratio=1", "model.padded_vocab_size=8192", "train.save_dir=runs/0123"])
+    assert (r.train.warmup_steps, r.train.min_lr_ratio, r.model.padded_vocab_size) == (10, 1.0, 8192)
+    assert load_recipe(None, ["train.save_dir=0123"]).train.save_dir == "0123"
 
 
 def test_an_empty_section_is_its_defaults(tmp_path):
@@ -125,6 +130,9 @@ REFUSED = [
     (["model.rope_scaling.type=yarn", "model.rope_scaling.factor=4",
       "model.rope_scaling.original_max_position_embeddings=16", "model.rope_scaling.beta_fast=0.5"],
      "needs 0 < beta_slow < beta_fast (has 1.0 and 0.5"),
+    (["train.steps=10", "train.warmup_steps=11"], "train.warmup_steps + train.decay_steps exceed train.steps=10"),
+    (["train.schedule=cosine", "train.min_lr_ratio=1.5"], "train.min_lr_ratio must be within [0, 1]"),
+    (["model.vocab_size=8192", "model.padded_vocab_size=8191"], "model.padded_vocab_size=8191 must be >="),
 ]
 
 
@@ -172,6 +180,16 @@ def test_a_recipe_path_with_an_equals_sign_is_the_recipe(tmp_path):
     assert printed["train"]["lr"] == pytest.approx(1e-4) and printed["train"]["steps"] == 5
     missing = drope("config", str(tmp_path / "lr=2" / "r.yaml"), timeout=60)
     assert missing.returncode == 2 and "does not exist" in missing.stderr, missing.stderr
+
+
+def test_an_existing_file_named_like_an_override_is_the_recipe(tmp_path, monkeypatch, capsys):
+    from drope_megatron.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lr=3.yaml").write_text("train:\n  steps: 7\n")
+    assert main(["config", "lr=3.yaml", "train.lr=2e-4"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["train"]["steps"] == 7 and printed["train"]["lr"] == pytest.approx(2e-4)
 
 
 def test_config_prints_resolved_yaml():

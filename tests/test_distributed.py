@@ -2,6 +2,7 @@
 
 import datetime
 import json
+import os
 import sys
 import threading
 import time
@@ -26,6 +27,15 @@ def test_discover_torchrun(monkeypatch):
     for key, value in dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", MASTER_ADDR="node7", MASTER_PORT="1234").items():
         monkeypatch.setenv(key, value)
     assert distributed.discover() == distributed.DistEnv(3, 8, 1, "node7", 1234, "torchrun")
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("SLURM_LOCALID", "0")  # torchrun inside an allocation: its own LOCAL_RANK wins
+    assert distributed.discover() == distributed.DistEnv(3, 8, 1, "node7", distributed.DEFAULT_PORT, "torchrun")
+    assert distributed.DEFAULT_PORT == 29500  # torchrun's, which cluster scripts and users assume
+    for key in ("LOCAL_RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a world of one needs no address: the loopback
+    assert distributed.discover() == distributed.DistEnv(0, 1, 0, "127.0.0.1", distributed.DEFAULT_PORT, "torchrun")
 
 
 def test_discover_slurm(monkeypatch):
@@ -41,6 +51,10 @@ def test_discover_slurm(monkeypatch):
     ports = {distributed.slurm_port({"SLURM_JOB_ID": str(job), "SLURM_STEP_ID": str(step)})
              for job in range(1000, 1100) for step in range(3)}
     assert len(ports) == 300 and all(20000 <= port < 32768 for port in ports)  # steps differ; no ephemeral port
+    monkeypatch.setenv("SLURM_STEP_NODELIST", "b[1-2]")  # the step's nodes, not the allocation's
+    assert distributed.discover().master_addr == "b1"
+    monkeypatch.setenv("MASTER_ADDR", "head")  # set by the batch script: it wins
+    assert distributed.discover().master_addr == "head"
 
 
 def test_a_one_task_srun_step_takes_a_free_port(monkeypatch):
@@ -60,6 +74,9 @@ def test_rank_variables_set_by_hand_take_the_launchers_local_rank(monkeypatch):
     for key, value in dict(RANK="11", WORLD_SIZE="16", SLURM_LOCALID="3", MASTER_ADDR="n0").items():
         monkeypatch.setenv(key, value)
     assert distributed.discover().local_rank == 3  # export RANK=$SLURM_PROCID in a batch script
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")  # mpirun in an allocation: MPI's own local rank
+    assert distributed.discover().local_rank == 1
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_RANK")
     for missing in ("SLURM_LOCALID", "MASTER_ADDR"):
         monkeypatch.delenv(missing)
         name = "LOCAL_RANK" if missing == "SLURM_LOCALID" else missing
@@ -79,6 +96,9 @@ def test_one_gpu_per_task_tells_deepspeed_its_device(monkeypatch):
     assert distributed.launcher_vars(env, None)["LOCAL_RANK"] == "3"  # no GPU: the place on the node
     with pytest.raises(ConfigError, match="local rank 3 on a node with 2 GPUs"):
         distributed.device_index(3, 2)
+    with pytest.raises(ConfigError, match="local rank 2 on a node with 2 GPUs"):
+        distributed.device_index(2, 2)
+    assert distributed.device_index(1, 2) == 1
 
 
 def test_nccl_without_a_gpu_is_refused_in_one_line():
@@ -142,6 +162,10 @@ def test_srun_with_pmi_is_slurms(monkeypatch):
         monkeypatch.setenv(key, value)
     found = distributed.discover()  # srun --mpi=pmi2: both agree, no MPI needed
     assert (found.rank, found.world_size, found.launcher) == (3, 8, "slurm")
+    for key, value in (("PMI_RANK", "4"), ("PMI_SIZE", "16")):  # an mpirun job inside the allocation
+        monkeypatch.setenv(key, value)
+        assert not distributed._pmi_agrees_with_slurm(dict(os.environ))
+        monkeypatch.setenv(key, {"PMI_RANK": "3", "PMI_SIZE": "8"}[key])
 
 
 @pytest.mark.parametrize("mode, message, status", [

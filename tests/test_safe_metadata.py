@@ -48,6 +48,15 @@ def test_torch_index_passes_and_crafted_ones_are_refused(saved):
     index.write_bytes(pickle.dumps({"not": "metadata"}))
     with pytest.raises(ConfigError, match="it holds a dict"):
         safe_metadata.vet(index.parent)
+    # torch's own loader, and an allowed class name in a module it does not belong to
+    for module, name in (("torch", "load"), ("os", "Metadata"), ("builtins", "eval")):
+        index.write_bytes(b"\x80\x04" + _global(module, name) + b"\x8c\x01x\x85R.")
+        with pytest.raises(ConfigError, match=f"{module}.{name} is not checkpoint metadata"):
+            safe_metadata.vet(index.parent)
+    for damaged in (b"", original[: len(original) // 2], b"\x80\x04\x93."):  # empty, cut short, malformed
+        index.write_bytes(damaged)
+        with pytest.raises(ConfigError):
+            safe_metadata.vet(index.parent)
 
 
 def test_a_part_outside_the_checkpoint_is_refused(tmp_path, saved):

@@ -41,10 +41,31 @@ def test_a_file_and_overrides_build_typed_values(tmp_path):
     ({"flag": "yes"}, "flag must be bool"),
     ({"lr": float("nan")}, "lr must be float"),
     ({"inner": 3}, "inner must be a mapping"),
+    ({"flag": 1}, "flag must be bool, got 1"),
+    ({"lr": True}, "lr must be float, got True"),
+    ({"lr": None}, "lr must be float, got None"),  # only Optional keys take null
+    ({"inner": {"sizes": 3}}, "inner.sizes must be a list, got 3"),
+    ({"inner": {"sizes": [True]}}, r"inner.sizes\[0\] must be int, got True"),
+    ({"inner": {"sizes": ["0x1F"]}}, r"inner.sizes\[0\] must be int, got '0x1F'"),
 ])
 def test_each_problem_names_its_key(raw, message):
     with pytest.raises(ConfigError, match=message):
         build(Outer, raw, "")
+
+
+def test_overrides_keep_the_text_of_numbers_yaml_would_rewrite():
+    """YAML 1.1 reads 0123 as octal 83 and 0x1F as 31: a name or path given so must stay as typed."""
+    raw = {}
+    for item in ("name=0123", "inner.sizes=[8]", "lr=2"):
+        apply_override(raw, item)
+    assert build(Outer, raw, "").name == "0123"
+    for text in ("0x1F", "1_000", "+5"):
+        apply_override(raw, f"name={text}")
+        assert build(Outer, raw, "").name == text
+    apply_override(raw, "name=")
+    assert build(Outer, raw, "").name == ""  # an empty value is empty text, not null
+    for text, number in (("0123", 123), ("1_000", 1000), ("+5", 5)):  # an int key reads them as decimals
+        assert build(Outer, {"inner": {"sizes": [text]}}, "").inner.sizes == [number]
 
 
 def test_an_override_into_a_value_is_refused():
