@@ -32,6 +32,27 @@ def test_recipe_runtime_options_replace_the_stored_ones(tmp_path):
     assert (m.fused_kernels, m.softmax_scale, m.attention_temperature) == (True, 0.5, "log_length")
 
 
+def test_trained_qk_norms_survive_a_load_that_adds_them(tmp_path):
+    """Recalibrating a QK-norm checkpoint asks for the norms as a plain one does: its trained
+    norms are loaded, not reset to 1 (only a checkpoint without them starts them at 1)."""
+    model, recipe = tiny_model("model.qk_norm=true", "model.phase=drope")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_layernorm" in name or "k_layernorm" in name:
+                p.fill_(2.0)
+    with distributed.session(single=True):
+        checkpoint.save(model, recipe.model, tmp_path / "qk")
+        loaded, m = checkpoint.load_model(tmp_path / "qk", ParallelConfig(), add_qk_norm=True)
+        plain, _ = tiny_model("model.phase=drope")
+        checkpoint.save(plain, tiny_recipe("model.phase=drope").model, tmp_path / "plain")
+        added, _ = checkpoint.load_model(tmp_path / "plain", ParallelConfig(), add_qk_norm=True)
+    norms = {n: p for n, p in loaded.named_parameters() if "q_layernorm" in n or "k_layernorm" in n}
+    assert m.qk_norm and len(norms) == 2 * recipe.model.num_layers
+    assert all(torch.all(p == 2.0) for p in norms.values())
+    fresh = [p for n, p in added.named_parameters() if "q_layernorm" in n or "k_layernorm" in n]
+    assert len(fresh) == len(norms) and all(torch.all(p == 1.0) for p in fresh)
+
+
 def test_a_save_leaves_no_helper_process_behind(tmp_path, monkeypatch):
     # megatron-core's writer would otherwise spawn a results manager (a process importing torch)
     # on its first save and keep it until exit; a direct dist_checkpointing.save elsewhere in this

@@ -44,6 +44,11 @@ def test_retrieval_share_lengths_and_eos(corpus, tmp_path):
     assert len(prose) == 10 and all(d[-1] == eos for d in prose)
     assert all(d[-1] == eos and SEQ // 2 - 16 <= len(d) <= SEQ + 1 for d in retrieval)
     assert len({len(d) for d in retrieval}) > 1  # lengths vary across the range
+    from drope_megatron.eval import tasks
+
+    texts = [load_tokenizer(TOKENIZER).decode(d.tolist()) for d in retrieval]  # every training task, alternating
+    kinds = [("passkey" if tasks.PASSKEY_INTRO in t else "niah" if tasks.NIAH_INTRO in t else "?") for t in texts]
+    assert kinds.count("passkey") - kinds.count("niah") in (0, 1) and "?" not in kinds
     counts = json.loads((out / "mixture.json").read_text())["counts"]
     assert (counts["prose"]["tokens"], counts["retrieval"]["tokens"]) == tuple(tokens)
 
@@ -59,6 +64,12 @@ def test_rebuilt_exactly_when_a_setting_changes(corpus, tmp_path):
         args = {"seq_length": SEQ, "retrieval_share": 0.3, **changed}
         assert not mixture.is_built(corpus, TOKENIZER, out, args["seq_length"], args["retrieval_share"],
                                     changed.get("seed", 0))
+    copy = tmp_path / "tokenizer.model"  # the tokenizer is told by its content, not by its path
+    copy.write_bytes(TOKENIZER.read_bytes())
+    mixture.build(corpus, copy, out, SEQ, retrieval_share=0.3)
+    assert mixture.is_built(corpus, copy, out, SEQ, 0.3)
+    copy.write_bytes(TOKENIZER.read_bytes() + b"\0")
+    assert not mixture.is_built(corpus, copy, out, SEQ, 0.3)
     before = sum(len(d) for d in _read(str(out / "retrieval")))
     mixture.build(corpus, TOKENIZER, out, SEQ, retrieval_share=0.5)
     assert sum(len(d) for d in _read(str(out / "retrieval"))) > before

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from drope_megatron.data.tokenizer import load_tokenizer
-from drope_megatron.demo.pipeline import SHIPPED
+from drope_megatron.demo.pipeline import SHIPPED, Demo
 from tests.helpers import drope
 
 STAGES = ["corpus", "data", "rope", "drope", "eval", "export", "report"]
@@ -143,3 +143,19 @@ def test_overrides_reach_what_they_name(tmp_path):
         with pytest.raises(ConfigError, match=f"demo override {key}=/elsewhere: .* choose that with --work"):
             Demo(work=tmp_path / "never", overrides=[f"{key}=/elsewhere"]).run()
     assert not (tmp_path / "never").exists()
+
+
+def test_a_stage_is_done_only_while_its_output_is_there_and_not_while_it_runs(tmp_path):
+    demo = Demo(work=tmp_path)
+    inputs = {"model": "m", "after": 1.0}
+    demo.log = {"seconds": {}, "commands": {}, "inputs": {"export": inputs}, "made": {"export": 2.0}}
+    output = tmp_path / "drope-hf" / "config.json"
+    output.parent.mkdir()
+    output.write_text("{}")
+    assert demo._done("export", inputs) and not demo._done("export", {**inputs, "after": 3.0})
+    output.unlink()  # deleted since: made again
+    assert not demo._done("export", inputs)
+    output.write_text("{}")
+    demo._start("export", inputs, tmp_path / "stages.json")  # interrupted from here on: what is there is stale
+    assert not demo._done("export", inputs)
+    assert json.loads((tmp_path / "stages.json").read_text())["made"] == {}

@@ -87,3 +87,16 @@ def test_bf16_zero1_resumes_its_fp32_accumulating_optimizer(megatron_world, tmp_
     assert step(first, recipe) == step(second, recipe)  # weights and fp32 optimizer state came back
     for a, b in zip(first.module.parameters(), second.module.parameters()):
         assert torch.equal(a, b)
+
+
+def test_a_resume_checks_every_model_setting_but_those_that_may_change():
+    """Only what a recalibration may change between runs escapes the check (the phase is checked
+    on its own): another RoPE base or rope_layers would silently train another model."""
+    import dataclasses
+
+    from drope_megatron.config import ModelConfig
+    from drope_megatron.train.loop import model_layout
+
+    may_change = {"phase", "fused_kernels", "attention_backend", "params_dtype", "init_method_std"}
+    assert set(model_layout(ModelConfig())) == {f"model.{f.name}" for f in dataclasses.fields(ModelConfig)
+                                                if f.name not in may_change}

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from drope_megatron.config import ConfigError, TrainConfig
-from drope_megatron.train.engine import deepspeed_config, param_groups
+from drope_megatron.train.engine import adamw, deepspeed_config, param_groups
 from tests.helpers import tiny_model
 
 
@@ -66,6 +66,10 @@ def test_no_weight_decay_on_norms_and_biases(megatron_world):
     assert any("layernorm" in names[id(p)] or "norm" in names[id(p)] for p in plain["params"])
     assert any("bias" in names[id(p)] for p in plain["params"])
     assert len(decay["params"]) + len(plain["params"]) == len(list(model.parameters()))
+    decayed, undecayed = adamw(model, TrainConfig(weight_decay=0.1)).param_groups  # what the optimizer gets
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.1, 0.0)
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() == 1 for p in undecayed["params"])
+    assert deepspeed_config(TrainConfig(grad_clip=0.7), dp=1)["gradient_clipping"] == 0.7
 
 
 @pytest.mark.parametrize("stage", [0, 1])
@@ -178,3 +182,11 @@ def test_warmup_stable_decay_schedule():
         sched.step()
     cosine = [0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert seen == pytest.approx([0.1, 0.55, 1.0, 1.0, 1.0, 1.0, *cosine, 0.1])
+    t = TrainConfig(schedule="constant", steps=5, warmup_steps=2, lr=1.0)  # warmup from 0, then flat
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=t.lr)
+    sched, seen = scheduler(t, opt), []
+    for _ in range(t.steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.0, 0.5, 1.0, 1.0, 1.0])

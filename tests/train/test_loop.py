@@ -88,7 +88,8 @@ def test_pretrain_then_recalibrate(corpus, tmp_path, baseline, capsys):
     bf16 = _bf16_copy(pre / "final", tmp_path / "bf16")  # as `hf-to-megatron` keeps a bf16 source
     rec = tmp_path / "rec"
     proc = run(corpus, rec, "train.steps=4", f"train.init_from={bf16}", f"train.export_hf={tmp_path / 'hf'}",
-               "model.phase=rope", "model.rope_layers=[0]", command="recalibrate")
+               "model.phase=rope", "model.rope_layers=[0]", "train.log_interval=3", command="recalibrate")
+    assert [r["step"] for r in losses(rec)[1]] == [1, 3, 4]  # the first, every third and the last
     assert "drope: note: model.phase=rope does not apply: drope recalibrate trains without RoPE" in proc.stderr
     assert "drope: note: model.rope_layers=[0] does not apply: RoPE stays in those layers under model.phase=layers " \
         "only, and this run trains phase drope" in proc.stderr

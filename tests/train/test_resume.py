@@ -23,10 +23,15 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus, tmp_path_factory):
+def full_run(corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("full") / "run"
     run(corpus, run_dir, *STEPS)
-    return losses(run_dir)[0]
+    return losses(run_dir)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(full_run):
+    return full_run[0]
 
 
 def job_args(corpus, run_dir, *extra):
@@ -34,7 +39,7 @@ def job_args(corpus, run_dir, *extra):
             *STEPS, *extra, "--quiet"]
 
 
-def test_sigkill_then_rerun_is_exact(corpus, tmp_path, uninterrupted):
+def test_sigkill_then_rerun_is_exact(corpus, tmp_path, uninterrupted, full_run):
     run_dir = tmp_path / "run"
     proc = faults.start(job_args(corpus, run_dir))
     faults.wait_for_step(run_dir, 5, proc)
@@ -43,6 +48,7 @@ def test_sigkill_then_rerun_is_exact(corpus, tmp_path, uninterrupted):
     assert "drope: resuming" in run(corpus, run_dir, *STEPS).stderr
     assert losses(run_dir)[0] == uninterrupted  # bitwise: same process count, same data, same RNG
     assert [r["step"] for r in losses(run_dir)[1]] == list(range(1, 13))  # steps 4-5, logged twice, once
+    assert [r["data_position"] for r in losses(run_dir)[1]] == [r["data_position"] for r in full_run[1]]
     kept = sorted(p.name for p in (run_dir / "checkpoints").glob("step*"))
     assert kept == ["step00000009", "step00000012"]  # keep_last=2
 
@@ -115,6 +121,9 @@ def test_resume_at_another_world_size_is_refused(corpus, tmp_path, capsys):
         (["train.steps=2"], "has a checkpoint at step 3, past train.steps=2"),
         # Another model: refused in one line before DeepSpeed's load (which failed with a traceback).
         (["model.qk_norm=true"], "(model.qk_norm=False now True)"),
+        # DeepSpeed would keep the saved optimizer's decay and betas over the recipe's.
+        (["train.weight_decay=0.1", "train.adam_beta2=0.95"],
+         "(train.weight_decay=0.0 now 0.1, train.adam_beta2=0.999 now 0.95)"),
     ]
     for extra, message in refused:
         assert main(job_args(corpus, run_dir, "train.zero_stage=1", *extra)) == 2, extra

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from drope_megatron import checkpoint
 from tests.helpers import ROOT, drope, run as run_cmd
@@ -182,11 +183,22 @@ def test_deepspeed_launcher(corpus, tmp_path):
     assert_two_ranks(rows)
 
 
-def test_a_run_without_save_dir_says_it_keeps_nothing(corpus, megatron_world, capsys):
+def test_a_run_without_save_dir_says_it_keeps_nothing(corpus, megatron_world, capsys, monkeypatch):
     from drope_megatron.config import load_recipe
+    from drope_megatron.train import engine
     from drope_megatron.train.loop import train
 
     recipe = load_recipe(None, [*corpus_lib.TRAIN_ARGS, *corpus_lib.data_args(corpus), "train.steps=1",
                                 "train.global_batch_size=2", "model.num_query_groups=4"])
+    fed, real = [], engine.initialize
+
+    def watching(model, *args, **kwargs):  # the real engine; the model notes what each forward is given
+        model.register_forward_pre_hook(lambda _, inputs, named: fed.append((inputs[0], named["labels"])),
+                                        with_kwargs=True)
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "initialize", watching)
     assert train(recipe, "rope", show_progress=False)["step"] == 1
     assert "train.save_dir is not set: this run keeps no checkpoint" in capsys.readouterr().err
+    tokens, labels = fed[0]  # each position learns the token after it
+    assert tokens.shape == labels.shape and torch.equal(labels[:, :-1], tokens[:, 1:])

@@ -14,8 +14,13 @@ def test_checkpoint_round_trip_through_partitioned_model(megatron_world, tmp_pat
     from drope_megatron import checkpoint
     from drope_megatron.model import build_model
 
-    recipe = tiny_recipe()
-    ckpt = checkpoint.save(build_model(recipe.model, recipe.parallel), recipe.model, tmp_path / "ckpt")
+    recipe = tiny_recipe("model.qk_norm=true")  # the full-width q/k norms too, each moved off its initial 1
+    model = build_model(recipe.model, recipe.parallel)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(torch.linspace(0.5, 1.5, param.numel()).view_as(param))
+    ckpt = checkpoint.save(model, recipe.model, tmp_path / "ckpt")
     out = tmp_path / "found.json"
     proc = torchrun(2, [str(ROOT / "tests" / "workers" / "zero3_load.py"), str(ckpt), str(out), "bfloat16"],
                     timeout=240, DS_ACCELERATOR="cpu")
